@@ -1,0 +1,250 @@
+"""Tests in three tiers: closed forms of each equation, invariants, end-to-end training runs."""
+
+import math
+
+import pytest
+import torch
+
+import vgpo
+
+# ---------------------------------------------------------------------------- closed forms
+
+
+def _eq7_mean_by_hand(v, x, s, s_next, a):
+    """Eq. 7's mean in float64, written out from the SPEC independently of vgpo."""
+    dt = s_next - s
+    std = a * math.sqrt(s / (1 - (s_next if s == 1 else s)))
+    return x * (1 + std**2 / (2 * s) * dt) + v * (1 + std**2 * (1 - s) / (2 * s)) * dt, std * math.sqrt(-dt)
+
+
+@pytest.mark.parametrize("s,s_next", [(1.0, 0.96), (0.7, 0.6), (0.2, 0.0)])
+def test_logprob_is_the_normal_log_density_averaged_over_dims(s, s_next):
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(5, 3, 4, 4, generator=g), torch.randn(5, 3, 4, 4, generator=g)
+    x_next, log_prob, mean, std = vgpo.sde_step_with_logprob(v, x, s, s_next, 0.7, generator=g)
+    mean64, step_std = _eq7_mean_by_hand(v.double(), x.double(), s, s_next, 0.7)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-5, atol=1e-5)
+    expected = torch.distributions.Normal(mean64, step_std).log_prob(x_next.double()).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(log_prob.double(), expected, rtol=1e-5, atol=1e-5)
+    assert log_prob.dtype == torch.float32 and log_prob.shape == (5,) and std.shape == (5, 1, 1, 1)
+
+
+def test_scoring_a_given_action_matches_sampling_it():
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(6, 2, generator=g), torch.randn(6, 2, generator=g)
+    sig, sig_next = torch.full((6,), 0.5), torch.full((6,), 0.4)  # (B,) tensors are allowed
+    x_next, lp, _, _ = vgpo.sde_step_with_logprob(v, x, sig, sig_next, 0.7, generator=g)
+    x_same, lp_again, _, _ = vgpo.sde_step_with_logprob(v, x, sig, sig_next, 0.7, x_next=x_next)
+    assert torch.equal(x_same, x_next) and torch.equal(lp, lp_again)
+
+
+def test_zero_noise_is_the_euler_step():
+    x, v = torch.randn(4, 2), torch.randn(4, 2)
+    x_next, log_prob, _, _ = vgpo.sde_step_with_logprob(v, x, 0.8, 0.5, 0.0)
+    torch.testing.assert_close(x_next, x + v * (0.5 - 0.8))
+    assert torch.isfinite(log_prob).all()
+
+
+@pytest.mark.parametrize("noise_level", [0.0, 0.7])
+def test_sampler_preserves_gaussian_marginals(noise_level):
+    """Data N(0, sd^2): the exact velocity is linear, E[x1 - x0 | x_s] = x (s - (1-s) sd^2) / var_s.
+    Eq. 7 is marginal-preserving for any noise level: samples end with std sd, up to the
+    first-order discretisation error (0.497 ODE / 0.501 SDE at 200 steps, 0.486 / 0.499 at 50)."""
+    sd, n, sigmas = 0.5, 40000, vgpo.sigma_schedule(200, 1.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, generator=g)
+    for k in range(200):
+        s = sigmas[k].item()
+        v = x * (s - (1 - s) * sd**2) / ((1 - s) ** 2 * sd**2 + s**2)
+        x = vgpo.sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], noise_level, generator=g)[0]
+    assert abs(x.std().item() - sd) < 0.01 and abs(x.mean().item()) < 0.01
+
+
+def test_project_x0_recovers_x0_on_a_straight_path():
+    x0, x1, s = torch.randn(8, 2), torch.randn(8, 2), torch.rand(8)
+    x_s = (1 - s[:, None]) * x0 + s[:, None] * x1
+    torch.testing.assert_close(vgpo.project_x0(x_s, x1 - x0, s), x0)
+
+
+def test_cumulative_values_against_an_explicit_loop():
+    rewards = torch.rand(3, 4, 7)
+    values = vgpo.cumulative_values(rewards, 0.9)
+    for idx in [(0, 0), (2, 3), (1, 2)]:
+        r = rewards[idx].tolist()
+        expected = [sum(0.9 ** (j - k) * r[j] for j in range(k, 7)) for k in range(7)]
+        torch.testing.assert_close(values[idx], torch.tensor(expected))
+
+
+def test_timestep_weights_average_one_and_fall_back_on_nonpositive_means():
+    values = vgpo.cumulative_values(torch.rand(5, 10), 0.9)
+    torch.testing.assert_close(vgpo.timestep_weights(values).mean(-1), torch.ones(5))
+    with pytest.warns(UserWarning, match="fall back to 1"):
+        w = vgpo.timestep_weights(torch.tensor([[-1.0, 0.5, 0.2], [1.0, 2.0, 3.0]]))
+    torch.testing.assert_close(w[0], torch.ones(3))
+    torch.testing.assert_close(w[1], torch.tensor([0.5, 1.0, 1.5]))
+
+
+def test_anchor_is_the_discounted_mean_of_remaining_rewards():
+    rewards = torch.full((1, 2, 10), 0.8)  # constant instant reward: anchor = reward at every step
+    values = vgpo.cumulative_values(rewards, 0.9)
+    anchor = vgpo.anchor_advantage(values, kappa=1.0, anchor_steps=10, gamma=0.9)
+    torch.testing.assert_close(anchor, torch.full_like(anchor, 0.8))
+
+
+def test_kl_is_the_gaussian_kl_times_dt():
+    mean, ref_mean, std, dt = torch.randn(3, 4), torch.randn(3, 4), torch.full((3, 1), 0.6), 0.05
+    step = torch.distributions.Normal(mean, std * dt**0.5), torch.distributions.Normal(ref_mean, std * dt**0.5)
+    exact = torch.distributions.kl_divergence(*step).mean(-1)  # (B,)
+    torch.testing.assert_close(vgpo.kl_to_reference(mean, ref_mean, std), exact * dt)
+
+
+# ---------------------------------------------------------------------------- invariants
+
+
+def test_vgpo_without_anchor_on_constant_values_is_grpo():
+    rewards = torch.rand(3, 6)
+    values = rewards[..., None].expand(3, 6, 10)
+    for global_std in (True, False):
+        a = vgpo.vgpo_advantages(values, kappa=0.0, anchor_steps=5, gamma=0.0, global_std=global_std)
+        torch.testing.assert_close(a, vgpo.grpo_advantages(rewards, 10, global_std=global_std))
+
+
+def test_grpo_population_std_by_hand():
+    rewards = torch.tensor([[0.0, 1.0, 1.0, 1.0], [0.5, 0.5, 0.2, 0.2]])
+    adv = vgpo.grpo_advantages(rewards, 3, global_std=False)[..., 0]
+    torch.testing.assert_close(adv[0], torch.tensor([-0.75, 0.25, 0.25, 0.25]) / (math.sqrt(3 / 16) + 1e-4))
+    torch.testing.assert_close(adv[1], torch.tensor([1.0, 1.0, -1.0, -1.0]) * 0.15 / (0.15 + 1e-4))
+
+
+def test_anchor_survives_a_group_whose_values_are_all_equal():
+    values = torch.full((2, 4, 10), 0.7)  # every sample of every group scores the same
+    grpo = vgpo.grpo_advantages(values[..., -1], 10)
+    adae = vgpo.vgpo_advantages(values, kappa=1.0, anchor_steps=5, gamma=0.9, weights=torch.ones_like(values))
+    assert grpo.abs().max() == 0
+    assert (adae[..., :5] > 0).all() and (adae[..., 5:] == 0).all()
+
+
+def test_a_constant_shift_leaves_grpo_unchanged_and_moves_vgpo():
+    rewards = torch.rand(2, 5)
+    g1, g2 = vgpo.grpo_advantages(rewards, 4), vgpo.grpo_advantages(rewards + 0.3, 4)
+    torch.testing.assert_close(g1, g2)
+    values = rewards[..., None].expand(2, 5, 4)
+    v1 = vgpo.vgpo_advantages(values, 1.0, 2, 0.0, weights=torch.ones_like(values))
+    v2 = vgpo.vgpo_advantages(values + 0.3, 1.0, 2, 0.0, weights=torch.ones_like(values))
+    torch.testing.assert_close(v2[..., :2] - v1[..., :2], torch.full((2, 5, 2), 0.3))
+
+
+def test_loss_gradient_vanishes_where_the_clip_is_active():
+    c = 0.1
+    old = torch.zeros(4)
+    log_prob = torch.tensor([0.5, -0.5, 0.5, 0.01], requires_grad=True)  # r = e^0.5, e^-0.5, e^0.5, ~1
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    loss, info = vgpo.clipped_policy_loss(log_prob, old, adv, c)
+    loss.backward()
+    assert log_prob.grad[0] == 0 and log_prob.grad[1] == 0  # clipped: no incentive to go further
+    assert log_prob.grad[2] != 0 and log_prob.grad[3] != 0  # pessimistic side / inside the clip
+    assert info["clipfrac"] == 0.75
+    assert info["approx_kl"] == pytest.approx(0.5 * (0.25 * 3 + 0.0001) / 4)
+
+
+class CountingBackend:
+    """Wraps a backend and counts velocity, decode and reward calls."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, {"velocity": 0, "decode": 0, "reward": 0}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def velocity(self, *a):
+        self.calls["velocity"] += 1
+        return self.inner.velocity(*a)
+
+    def decode(self, x):
+        self.calls["decode"] += 1
+        return self.inner.decode(x)
+
+
+@pytest.mark.parametrize("instant", [True, False])
+def test_tcrm_reuses_the_samplers_velocity(instant):
+    config = vgpo.toy_config(toy_pretrain_steps=200)
+    backend = CountingBackend(vgpo.ToyBackend(config))
+    reward = backend.default_reward()
+
+    def counted(x, p):
+        backend.calls["reward"] += 1
+        return reward(x, p)
+
+    sigmas = backend.sigmas(10)
+    batch = vgpo.rollout(backend, [0, 1] * 4, sigmas, 0.7, counted, torch.Generator().manual_seed(0), instant)
+    calls = 10 if instant else 1
+    assert backend.calls == {"velocity": 10, "decode": calls, "reward": calls}
+    assert batch.latents.shape == (8, 11, 2) and batch.rewards.shape == (8, calls)
+    # the instant reward of step k scores x_{k+1} - sigma_{k+1} v(x_{k+1}, sigma_{k+1})
+    if instant:
+        with torch.no_grad():
+            x = batch.latents[:, 3]
+            x0hat = vgpo.project_x0(x, backend.inner.velocity(x, sigmas[3], batch.cond), sigmas[3])
+        torch.testing.assert_close(batch.rewards[:, 2], reward(x0hat, batch.prompts))
+        torch.testing.assert_close(batch.rewards[:, -1], reward(batch.latents[:, -1], batch.prompts))
+
+
+def test_grpo_preset_is_flow_grpo_advantage():
+    config = vgpo.Config(**vgpo.PRESETS["grpo"], num_steps=4, group_size=3, prompts_per_iteration=2)
+    terminal = torch.rand(6, 1)
+    adv, _ = vgpo.batch_advantages(terminal, config)
+    expected = vgpo.grpo_advantages(terminal.reshape(2, 3), 4).reshape(6, 4)
+    torch.testing.assert_close(adv, expected)
+
+
+# ---------------------------------------------------------------------------- end to end
+
+FAST = dict(iterations=40, toy_pretrain_steps=800, eval_samples=256)
+
+
+def test_toy_training_raises_the_reward_and_ratio_starts_at_one():
+    history = vgpo.train(vgpo.toy_config(**FAST))
+    first = sum(h["reward_mean"] for h in history[:5]) / 5
+    last = sum(h["reward_mean"] for h in history[-5:]) / 5
+    assert last > first + 0.25, (first, last)
+    assert history[-1]["eval_reward"] > history[0]["eval_reward_before"] + 0.2
+    assert all(h["onpolicy_ratio_err"] == 0 for h in history)  # on-policy ratio is exactly 1
+
+
+def test_same_seed_same_history():
+    runs = [vgpo.train(vgpo.toy_config(**{**FAST, "iterations": 3})) for _ in range(2)]
+    strip = [[{k: v for k, v in h.items() if k != "seconds"} for h in run] for run in runs]
+    assert strip[0] == strip[1]
+
+
+def test_cli_builds_config_from_presets_and_flags():
+    config, _ = vgpo.parse_args(["--method", "grpo", "--group_size", "5", "--no-global_std"])
+    assert (config.dense_values, config.kappa, config.group_size, config.global_std) == (False, 0.0, 5, False)
+    assert config.clip_range == vgpo.PRESETS["toy"]["clip_range"]  # toy preset applied for the toy
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(group_size=1), "group_size=1"),
+        (dict(anchor_steps=11), "anchor_steps=11"),
+        (dict(timestep_fraction=0.0), "timestep_fraction"),
+        (dict(weighting="sometimes"), "weighting"),
+    ],
+)
+def test_bad_config_names_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        vgpo.Config(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [(lambda x, p: torch.zeros(len(p) + 1), "shape"), (lambda x, p: torch.full((len(p),), math.nan), "non-finite")],
+)
+def test_bad_reward_names_the_problem(bad, match):
+    bad.__name__ = "my_reward"
+    with pytest.raises(ValueError, match=f"my_reward.*{match}|{match}.*my_reward"):
+        vgpo.train(vgpo.toy_config(**{**FAST, "iterations": 1}), reward_fn=bad)

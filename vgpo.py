@@ -1,0 +1,800 @@
+"""VGPO: Value-Anchored Group Policy Optimization for flow-matching models, in one file.
+
+Paper: "Anchoring Values in Temporal and Group Dimensions for Flow Matching Model Alignment"
+(Shao et al., arXiv 2512.12387; ICLR 2026 submission "Value-Anchored Group Policy Optimization
+for Flow Models"). Equation numbers are those of the ICLR version. VGPO is Flow-GRPO
+(Liu et al., arXiv 2505.05470) with two changes to the reward-to-advantage path:
+TCRM (dense per-step values from one-step projections, Eqs. 9-11) and ADAE (a group advantage
+with an absolute anchor, Eqs. 12-13). The file reads in the algorithm's order:
+
+    config -> SDE step and log-prob -> projection and values (TCRM) -> advantages (ADAE)
+    -> loss -> models (toy, SD3.5) -> rollout -> training loop -> CLI
+
+Shape legend: N prompts per iteration, G samples per prompt (a group), B = N*G, T sampling
+steps, D latent dims (C,H,W for SD3.5; 2 for the toy). Tensors with a group axis are (N, G, ...).
+
+Step index: the paper counts t = T..1 downward; this file counts k = 0..T-1 in sampling order,
+k = T - t. Step k moves x_k at sigma_k to x_{k+1} at sigma_{k+1}; sigma_0 = 1, sigma_T = 0.
+
+Decisions where the paper is silent (each is a Config field; see README "Decisions"):
+  1. gamma (discount of Eq. 10) = 0.9.                                          Config.gamma
+  2. Eq. 11 weights fall back to 1 for a trajectory whose mean value is <= eps,
+     with a warning (the paper assumes non-negative rewards).                   Config.eps
+  3. Eq. 13 is reconstructed: alpha = kappa * std (App. B) simplifies the anchor to kappa*Q,
+     which survives std = 0; the anchor is Q divided by its discount-weight sum, so it lives
+     on the reward's scale. kappa = 1.0 (provisional).                          Config.kappa
+  4. The anchor acts on the first T/2 sampling steps (App. A.2: 5 of 10).       Config.anchor_steps
+  5. Group std is the population std (ddof 0), over all N*G samples by default. Config.global_std
+  6. w can be switched apart from the dense values, to separate the two roles
+     of TCRM (weights only, values only).                                       Config.weighting
+  7. A deterministic step (noise level 0) has no density; its log-prob is reported as 0.
+  8. KL to the reference follows Flow-GRPO (no |dt| in the denominator).        Config.beta
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+from tqdm.auto import tqdm
+
+# ------------------------------------------------------------------------------------------------
+# Config: SD3.5-Medium defaults from the paper and Flow-GRPO (SPEC section 6); presets below.
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    # run
+    model: str = "toy"  # "toy", "tiny" (random SD3, offline), or a hub id / local SD3.5 directory
+    reward: str = "toy_mode"  # toy: toy_mode|toy_region; images: a rewards.py spec, e.g. "ocr"
+    seed: int = 0  # seeds every torch.Generator of the run
+    iterations: int = 100  # rollout + update rounds
+    prompts_per_iteration: int = 8  # N, prompts (groups) per rollout batch
+    group_size: int = 24  # G, samples per prompt (Flow-GRPO: 24)
+    # sampler (Eq. 7)
+    num_steps: int = 10  # T, SDE sampling steps in training (paper App. A.2: 10)
+    eval_steps: int = 40  # ODE steps for evaluation (paper App. A.2: 40)
+    noise_level: float = 0.7  # a, SDE noise level (Flow-GRPO: 0.7)
+    shift: float = 3.0  # sigma-schedule shift (SD3.5 scheduler: 3)
+    # TCRM (Eqs. 9-11)
+    dense_values: bool = True  # TCRM values Q_k from one-step projections; False: Q_k = R_T
+    gamma: float = 0.9  # gamma, discount of Eq. 10 (decision 1: not in the paper)
+    weighting: str = "auto"  # Eq. 11 weights w_k: auto (= dense_values) | on | off (decision 6)
+    # ADAE (Eqs. 12-13)
+    kappa: float = 1.0  # kappa, anchor strength, alpha = kappa * std (decision 3: provisional)
+    anchor_steps: int | None = None  # steps with the anchor on; None: num_steps // 2 (decision 4)
+    global_std: bool = True  # std over all N*G samples per step (Flow-GRPO default)
+    eps: float = 1e-4  # eps in the advantage's denominator and Eq. 11 fallback (Flow-GRPO)
+    adv_clip: float = 5.0  # advantages clamped to [-adv_clip, adv_clip] (Flow-GRPO)
+    # policy objective (Eq. 8)
+    timestep_fraction: float = 0.99  # train the first int(T * fraction) steps (Flow-GRPO)
+    clip_range: float = 1e-4  # PPO clip range of the ratio (Flow-GRPO)
+    beta: float = 0.04  # KL weight (Flow-GRPO: 0.04 OCR/GenEval, 0.01 PickScore)
+    num_minibatches: int = 2  # optimizer steps per rollout batch (Flow-GRPO: 2)
+    lr: float = 3e-4  # AdamW learning rate (Flow-GRPO)
+    weight_decay: float = 1e-4  # AdamW weight decay (Flow-GRPO)
+    max_grad_norm: float = 1.0  # gradient-norm clip (Flow-GRPO)
+    lora_rank: int = 32  # LoRA r (Flow-GRPO)
+    lora_alpha: int = 64  # LoRA alpha (Flow-GRPO)
+    # SD3.5 backend
+    resolution: int = 512  # image side in pixels (Flow-GRPO)
+    guidance_scale: float = 4.5  # classifier-free guidance, in rollout and training (Flow-GRPO)
+    cfg_detach_uncond: bool = True  # training: unconditional branch detached (Flow-GRPO train.cfg)
+    prompt_file: str = ""  # one prompt per line; empty: built-in OCR prompts
+    max_sequence_length: int = 128  # T5 tokens
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    offload_text_encoders: bool = False  # encode all prompts up front, then free the encoders
+    # evaluation and output (boilerplate)
+    eval_every: int = 0  # evaluate every this many iterations; 0: only before and after
+    eval_samples: int = 64  # held-out samples per evaluation (toy: noise; SD3: prompts x 1)
+    output_dir: str = ""  # LoRA weights, sample grids and history; empty: nothing written
+    device: str = "auto"  # auto: cuda if available, else cpu
+    # toy backend
+    toy_conditions: int = 4  # conditions ("prompts") of the 2D toy
+    toy_modes: int = 4  # modes of each condition's target mixture
+    toy_pretrain_steps: int = 1500  # flow-matching steps of the base toy model
+
+    def __post_init__(self):
+        if self.anchor_steps is None:
+            self.anchor_steps = self.num_steps // 2
+        validate_config(self)
+
+    @property
+    def use_weights(self) -> bool:
+        return self.dense_values if self.weighting == "auto" else self.weighting == "on"
+
+
+# Overrides applied on top of the paper's defaults. The CPU toy is 2-D: its log-probs move
+# much faster per update than an image's per-dimension mean, so it needs a wider clip range.
+PRESETS = {
+    "toy": dict(
+        iterations=150,
+        group_size=8,
+        prompts_per_iteration=8,
+        shift=1.0,
+        clip_range=0.2,
+        lr=3e-3,
+        lora_rank=8,
+        lora_alpha=16,
+        beta=0.01,
+        eval_samples=512,
+    ),
+    "grpo": dict(dense_values=False, kappa=0.0),  # Flow-GRPO's advantage, same trainer
+    "vgpo": dict(dense_values=True),
+    "small-gpu": dict(
+        group_size=8,
+        prompts_per_iteration=2,
+        num_minibatches=4,
+        resolution=512,
+        gradient_checkpointing=True,
+        offload_text_encoders=True,
+    ),
+}
+
+
+def toy_config(**overrides) -> Config:
+    """The CPU toy's configuration: paper defaults, PRESETS['toy'], then `overrides`."""
+    return Config(**{**PRESETS["toy"], **overrides})
+
+
+def validate_config(c: Config) -> None:
+    """Check every field before anything loads; errors name the field, value and what is allowed."""
+
+    def need(ok, name, allowed):
+        if not ok:
+            raise ValueError(f"Config.{name}={getattr(c, name)!r} is invalid: {allowed}")
+
+    need(c.group_size >= 2, "group_size", "must be >= 2 (a group statistic needs two samples)")
+    need(c.prompts_per_iteration >= 1, "prompts_per_iteration", "must be >= 1")
+    need(c.iterations >= 0, "iterations", "must be >= 0")
+    need(c.num_steps >= 1, "num_steps", "must be >= 1")
+    need(c.eval_steps >= 1, "eval_steps", "must be >= 1")
+    need(0 <= c.anchor_steps <= c.num_steps, "anchor_steps", f"must be in [0, num_steps={c.num_steps}]")
+    need(0 < c.timestep_fraction <= 1, "timestep_fraction", "must be in (0, 1]")
+    need(int(c.num_steps * c.timestep_fraction) >= 1, "timestep_fraction", "trains no step at all")
+    need(c.noise_level > 0, "noise_level", "training needs an SDE (> 0); a = 0 is the ODE")
+    need(c.shift > 0, "shift", "must be > 0")
+    need(0 <= c.gamma <= 1, "gamma", "must be in [0, 1]")
+    need(c.kappa >= 0, "kappa", "must be >= 0")
+    need(c.weighting in ("auto", "on", "off"), "weighting", "must be auto, on or off")
+    need(c.eps > 0, "eps", "must be > 0")
+    need(c.adv_clip > 0, "adv_clip", "must be > 0")
+    need(c.clip_range > 0, "clip_range", "must be > 0")
+    need(c.beta >= 0, "beta", "must be >= 0")
+    need(c.lr > 0, "lr", "must be > 0")
+    need(
+        1 <= c.num_minibatches <= c.prompts_per_iteration * c.group_size,
+        "num_minibatches",
+        "must be in [1, prompts_per_iteration * group_size]",
+    )
+    need(c.lora_rank >= 1, "lora_rank", "must be >= 1")
+    need(c.resolution >= 16 and c.resolution % 16 == 0, "resolution", "must be a multiple of 16")
+    need(c.eval_every >= 0, "eval_every", "must be >= 0")
+    need(c.eval_samples >= 1, "eval_samples", "must be >= 1")
+    need(c.toy_conditions >= 1, "toy_conditions", "must be >= 1")
+    need(c.toy_modes >= 1, "toy_modes", "must be >= 1")
+
+
+# ------------------------------------------------------------------------------------------------
+# SDE step with log-probability (Eq. 7, Flow-GRPO)
+# ------------------------------------------------------------------------------------------------
+
+
+def _per_sample(s, x: torch.Tensor) -> torch.Tensor:
+    """A float or (B,) tensor of sigmas as float32 of shape (B, 1, ..., 1), broadcastable to x."""
+    s = torch.as_tensor(s, dtype=torch.float32, device=x.device)
+    return s.reshape(-1, *([1] * (x.ndim - 1)))  # (B or 1, 1, ...)
+
+
+def _randn(shape, generator, device) -> torch.Tensor:
+    """Standard normal noise from one generator, or from one generator per sample (a list)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generator]).to(device)
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+
+def sde_step_with_logprob(v, x, sigma, sigma_next, noise_level, x_next=None, generator=None):
+    """Eq. 7 (Flow-GRPO): one SDE step x_k -> x_{k+1} and the per-dimension mean log-density.
+
+    std_k = a sqrt(sig_k / (1 - sig_k));  mean = x (1 + std_k^2 dt / (2 sig_k))
+    + v (1 + std_k^2 (1 - sig_k) / (2 sig_k)) dt;  x_{k+1} = mean + std_k sqrt(-dt) eps.
+    Paper <-> code: v_theta <-> v, x_t <-> x, sigma_t <-> sigma, a <-> noise_level.
+    At sigma == 1 the denominator uses sigma_next (= sig_1 on the first step, as Flow-GRPO).
+    With x_next given, that action is scored instead of sampled. Float32 throughout.
+    Returns x_next (B, D...), log_prob (B,), mean (B, D...), std_k (B, 1...).
+    """
+    x, v = x.float(), v.float()
+    sig, sig_next = _per_sample(sigma, x), _per_sample(sigma_next, x)  # (B|1, 1...)
+    dt = sig_next - sig  # (B|1, 1...), < 0
+    denom = 1 - torch.where(sig == 1, sig_next, sig)
+    std = noise_level * torch.sqrt(sig / denom)  # (B|1, 1...)
+    mean = x * (1 + std**2 / (2 * sig) * dt) + v * (1 + std**2 * (1 - sig) / (2 * sig)) * dt
+    step_std = std * torch.sqrt(-dt)  # (B|1, 1...), std of the transition
+    if x_next is None:
+        x_next = mean + step_std * _randn(x.shape, generator, x.device)  # (B, D...)
+    x_next = x_next.float()
+    log_density = (
+        -((x_next.detach() - mean) ** 2) / (2 * step_std**2) - torch.log(step_std) - 0.5 * math.log(2 * math.pi)
+    )  # (B, D...)
+    log_prob = log_density.mean(dim=tuple(range(1, x.ndim)))  # (B,)
+    log_prob = torch.where(step_std.flatten().expand_as(log_prob) > 0, log_prob, 0.0)  # decision 7
+    return x_next, log_prob, mean, std.expand(x.shape[0], *std.shape[1:])
+
+
+# ------------------------------------------------------------------------------------------------
+# TCRM: one-step projection, cumulative values, timestep weights (Eqs. 9-11)
+# ------------------------------------------------------------------------------------------------
+
+
+def project_x0(x, v, sigma):
+    """Eq. 9: one Euler step from sigma to 0, x0hat = x - sigma * v.
+
+    Paper <-> code: x_{t-1} <-> x (the state after step k), sigma_{t-1} <-> sigma, and v is the
+    velocity the sampler computes at that state anyway (no extra forward). (B, D...) -> (B, D...)
+    """
+    return x - _per_sample(sigma, x) * v  # (B, D...)
+
+
+def cumulative_values(rewards, gamma):
+    """Eq. 10: Q_k = R_k + gamma * Q_{k+1}, Q_T = 0, along one sampled trajectory.
+
+    Paper <-> code: r_t <-> rewards[..., k] (instant reward of step k), gamma <-> gamma.
+    (..., T) instant rewards -> (..., T) values.
+    """
+    values = torch.zeros_like(rewards, dtype=torch.float32)  # (..., T)
+    running = torch.zeros_like(rewards[..., 0], dtype=torch.float32)  # (...)
+    for k in reversed(range(rewards.shape[-1])):
+        running = rewards[..., k].float() + gamma * running
+        values[..., k] = running
+    return values
+
+
+def timestep_weights(values, eps=1e-4):
+    """Eq. 11: w_k = Q_k / mean_j Q_j over the T steps of the same trajectory.
+
+    Decision 2: where mean_j Q_j <= eps (the paper assumes non-negative rewards) the weights
+    fall back to 1, with a warning. (..., T) -> (..., T), each row averaging 1.
+    """
+    mean = values.float().mean(dim=-1, keepdim=True)  # (..., 1)
+    bad = mean <= eps  # (..., 1)
+    if bad.any():
+        warnings.warn(  # constant text: Python's default filter shows it once per place
+            "timestep_weights: a trajectory's mean value is <= eps (zero or negative rewards); "
+            "its weights fall back to 1 (decision 2). Rewards should lie in roughly [0, 1].",
+            stacklevel=2,
+        )
+    return torch.where(bad, torch.ones_like(values, dtype=torch.float32), values / mean.clamp_min(eps))
+
+
+# ------------------------------------------------------------------------------------------------
+# ADAE: group-relative term plus absolute anchor (Eqs. 12-13), and the GRPO baseline
+# ------------------------------------------------------------------------------------------------
+
+
+def relative_advantage(values, global_std=True, eps=1e-4):
+    """Eq. 12 (GRPO's group normalisation, per step): (Q_k - mean_G Q_k) / (std Q_k + eps).
+
+    std is the population std (ddof 0) within each group, or over all N*G samples of the
+    batch at that step when global_std (Flow-GRPO's default). (N, G, T) -> (N, G, T).
+    """
+    values = values.float()
+    mu = values.mean(dim=1, keepdim=True)  # (N, 1, T)
+    if global_std:
+        std = rearrange(values, "n g t -> (n g) t").std(dim=0, correction=0)  # (T,)
+    else:
+        std = values.std(dim=1, correction=0, keepdim=True)  # (N, 1, T)
+    return (values - mu) / (std + eps)  # (N, G, T)
+
+
+def anchor_advantage(values, kappa, anchor_steps, gamma):
+    """Eq. 13's absolute term (reconstruction, decision 3): kappa * Q_k / sum_j gamma^j, on k < anchor_steps.
+
+    alpha * Q / std with alpha = kappa * std (App. B) is kappa * Q; dividing Q_k by the sum of
+    its T-k discount weights puts it on the reward's scale. (N, G, T) -> (N, G, T).
+    """
+    T = values.shape[-1]
+    k = torch.arange(T, device=values.device)
+    remaining = (T - k).float()  # (T,), steps still to come including k
+    disc_sum = remaining if gamma == 1 else (1 - gamma**remaining) / (1 - gamma)  # (T,)
+    on = (k < anchor_steps).float()  # (T,)
+    return kappa * on * values.float() / disc_sum  # (N, G, T)
+
+
+def vgpo_advantages(values, kappa, anchor_steps, gamma, global_std=True, eps=1e-4, adv_clip=5.0, weights=None):
+    """Eq. 13 (ADAE): A_k = clamp(w_k * (relative_k + on_k * kappa * anchor_k), -adv_clip, adv_clip).
+
+    Paper <-> code: Q <-> values (N, G, T), w <-> weights (default: Eq. 11 of values),
+    kappa <-> kappa, gamma: the discount that formed the values (0 for a terminal reward).
+    kappa = 0 (or anchor_steps = 0) leaves the per-step group-relative advantage.
+    (N, G, T) -> (N, G, T).
+    """
+    if weights is None:
+        weights = timestep_weights(values, eps)  # (N, G, T)
+    inner = relative_advantage(values, global_std, eps) + anchor_advantage(values, kappa, anchor_steps, gamma)
+    return (weights * inner).clamp(-adv_clip, adv_clip)  # (N, G, T)
+
+
+def grpo_advantages(rewards, num_steps, global_std=True, eps=1e-4, adv_clip=5.0):
+    """Flow-GRPO: A = (R_T - mean_G R_T) / (std R_T + eps), the same for every step.
+
+    (N, G) terminal rewards -> (N, G, T) advantages.
+    """
+    adv = relative_advantage(rewards[..., None], global_std, eps)  # (N, G, 1)
+    return adv.expand(*rewards.shape, num_steps).clamp(-adv_clip, adv_clip)  # (N, G, T)
+
+
+# ------------------------------------------------------------------------------------------------
+# Policy objective (Eq. 8): clipped ratio per step plus KL to the reference
+# ------------------------------------------------------------------------------------------------
+
+
+def clipped_policy_loss(log_prob, old_log_prob, advantages, clip_range):
+    """Eq. 8, one step: mean_i max(-A r, -A clip(r, 1 - eps_c, 1 + eps_c)), r = exp(logp - logp_old).
+
+    (B,) inputs -> scalar loss and info: clipfrac = share of |r - 1| > clip_range,
+    approx_kl = 0.5 mean (logp - logp_old)^2 (Flow-GRPO).
+    """
+    diff = log_prob.float() - old_log_prob.float()  # (B,)
+    ratio = torch.exp(diff)  # (B,)
+    unclipped = -advantages * ratio  # (B,)
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)  # (B,)
+    loss = torch.maximum(unclipped, clipped).mean()
+    info = {
+        "clipfrac": ((ratio - 1).abs() > clip_range).float().mean().item(),
+        "approx_kl": 0.5 * (diff.detach() ** 2).mean().item(),
+        "ratio_err": (ratio.detach() - 1).abs().max().item(),
+    }
+    return loss, info
+
+
+def kl_to_reference(mean, ref_mean, std):
+    """KL term of Eq. 8 (Flow-GRPO convention): mean_dims (mean - mean_ref)^2 / (2 std_k^2).
+
+    The exact Gaussian KL is this divided by |dt|; beta is tuned to this form (decision 8).
+    mean, ref_mean (B, D...), std (B, 1...) -> (B,).
+    """
+    sq = (mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)  # (B, D...)
+    return sq.mean(dim=tuple(range(1, sq.ndim)))  # (B,)
+
+
+# ------------------------------------------------------------------------------------------------
+# Models. The trainer sees a model only through this interface (a "backend"):
+#   sigmas(T) -> (T+1,)            prompts(n, generator) -> list        encode(prompts) -> cond
+#   noise(B, generator) -> x_0     velocity(x, sigma, cond) -> v        decode(x0) -> reward input
+#   reference() -> context where the LoRA adapter is off    parameters() -> trainable tensors
+# cond is a dict of tensors with the batch first, so minibatches index it.
+# ------------------------------------------------------------------------------------------------
+
+
+def sigma_schedule(num_steps: int, shift: float) -> torch.Tensor:
+    """sig_0 = 1 > ... > sig_T = 0, exactly as diffusers' FlowMatchEulerDiscreteScheduler (SD3.5)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(num_steps)
+    return scheduler.sigmas.float().cpu()  # (T+1,)
+
+
+def add_lora(module: nn.Module, rank: int, alpha: int, targets: list[str]):
+    """Wrap `module` in a peft LoRA adapter (gaussian init, as Flow-GRPO); base weights frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+    return get_peft_model(module, config)
+
+
+# --- toy: a conditional 2-D flow on per-condition mixtures of Gaussians --------------------------
+
+
+def toy_modes(num_conditions: int, num_modes: int, radius: float = 2.0) -> torch.Tensor:
+    """Mode centres on a circle, rotated per condition. (conditions, modes, 2)."""
+    j = torch.arange(num_modes)[None, :]  # (1, M)
+    c = torch.arange(num_conditions)[:, None]  # (C, 1)
+    angle = 2 * math.pi * (j + c / num_conditions) / num_modes  # (C, M)
+    return radius * torch.stack([angle.cos(), angle.sin()], dim=-1)  # (C, M, 2)
+
+
+class ToyVelocity(nn.Module):
+    """MLP velocity field v(x, sigma, c) for 2-D points under a discrete condition c."""
+
+    def __init__(self, num_conditions: int, width: int = 128):
+        super().__init__()
+        self.embed = nn.Embedding(num_conditions, 16)
+        self.net = nn.Sequential(
+            nn.Linear(2 + 16 + 16, width),
+            nn.SiLU(),
+            nn.Linear(width, width),
+            nn.SiLU(),
+            nn.Linear(width, width),
+            nn.SiLU(),
+            nn.Linear(width, 2),
+        )
+
+    def forward(self, x, sigma, c):
+        freqs = torch.arange(1, 9, device=x.device, dtype=torch.float32)  # (8,), smooth in sigma
+        s = sigma.reshape(-1, 1).expand(x.shape[0], 1) * freqs  # (B, 8)
+        h = torch.cat([x, s.sin(), s.cos(), self.embed(c)], dim=-1)  # (B, 34)
+        return self.net(h)  # (B, 2)
+
+
+@functools.lru_cache(maxsize=8)
+def pretrain_toy(num_conditions: int, num_modes: int, steps: int, seed: int = 0):
+    """Flow matching on x_s = (1-s) x0 + s x1, target v = x1 - x0; returns the base state dict.
+
+    Cached per process, so tests and experiments pretrain once. Takes seconds on a CPU.
+    """
+    g = torch.Generator().manual_seed(seed)
+    net = ToyVelocity(num_conditions)
+    modes = toy_modes(num_conditions, num_modes)  # (C, M, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    for _ in range(steps):
+        c = torch.randint(num_conditions, (512,), generator=g)  # (512,)
+        m = torch.randint(num_modes, (512,), generator=g)  # (512,)
+        x0 = modes[c, m] + 0.15 * torch.randn(512, 2, generator=g)  # (512, 2)
+        x1 = torch.randn(512, 2, generator=g)  # (512, 2)
+        s = torch.rand(512, 1, generator=g)  # (512, 1)
+        loss = ((net((1 - s) * x0 + s * x1, s, c) - (x1 - x0)) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def toy_targets(num_conditions: int, num_modes: int) -> torch.Tensor:
+    """The rewarded mode of each condition: mode c % M of condition c. (conditions, 2)."""
+    c = torch.arange(num_conditions)
+    return toy_modes(num_conditions, num_modes)[c, c % num_modes]  # (C, 2)
+
+
+def toy_mode_reward(num_conditions: int, num_modes: int, width: float = 0.5):
+    """Continuous toy reward in [0, 1]: exp(-|x - m_c|^2 / (2 width^2)), m_c the target mode of c."""
+    target = toy_targets(num_conditions, num_modes)  # (C, 2)
+
+    def reward_fn(points, prompts):
+        d2 = ((points.float() - target[torch.as_tensor(prompts)].to(points.device)) ** 2).sum(-1)  # (B,)
+        return torch.exp(-d2 / (2 * width**2))
+
+    return reward_fn
+
+
+def toy_region_reward(num_conditions: int, num_modes: int, radius: float = 0.5):
+    """Saturating toy reward in {0, 1}: success when x lies within `radius` of the target mode."""
+    target = toy_targets(num_conditions, num_modes)  # (C, 2)
+
+    def reward_fn(points, prompts):
+        d = (points.float() - target[torch.as_tensor(prompts)].to(points.device)).norm(dim=-1)  # (B,)
+        return (d < radius).float()
+
+    return reward_fn
+
+
+TOY_REWARDS = {"toy_mode": toy_mode_reward, "toy_region": toy_region_reward}
+
+
+class ToyBackend:
+    """The 2-D toy behind the backend interface; the policy is the MLP with a peft LoRA adapter."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        net = ToyVelocity(config.toy_conditions)
+        net.load_state_dict(pretrain_toy(config.toy_conditions, config.toy_modes, config.toy_pretrain_steps))
+        targets = ["net.0", "net.2", "net.4", "net.6"]
+        self.model = add_lora(net, config.lora_rank, config.lora_alpha, targets).eval()
+        self.device = torch.device("cpu")
+
+    def default_reward(self):
+        c = self.config
+        if c.reward not in TOY_REWARDS:
+            raise ValueError(f"Config.reward={c.reward!r} is not a toy reward; choose one of {sorted(TOY_REWARDS)}")
+        return TOY_REWARDS[c.reward](c.toy_conditions, c.toy_modes)
+
+    def sigmas(self, num_steps):
+        return sigma_schedule(num_steps, self.config.shift)
+
+    def prompts(self, n, generator):
+        return torch.randint(self.config.toy_conditions, (n,), generator=generator).tolist()
+
+    def eval_prompts(self, n):
+        return [i % self.config.toy_conditions for i in range(n)]
+
+    def encode(self, prompts):
+        return {"c": torch.as_tensor(prompts, dtype=torch.long)}
+
+    def noise(self, batch, generator):
+        return _randn((batch, 2), generator, self.device)  # (B, 2)
+
+    def velocity(self, x, sigma, cond):
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).expand(x.shape[0])  # (B,)
+        return self.model(x, sigma, cond["c"])  # (B, 2)
+
+    def decode(self, x0):
+        return x0  # the toy reward reads points
+
+    def reference(self):
+        return self.model.disable_adapter()
+
+    def parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+# ------------------------------------------------------------------------------------------------
+# Rollout: SDE sampling with log-probs (Eq. 7) and instant rewards of the projections (Eq. 9)
+# ------------------------------------------------------------------------------------------------
+
+
+def checked_reward(reward_fn, name: str):
+    """Wrap a reward so that a wrong shape or a non-finite value raises an error naming it."""
+    warned = []
+
+    def fn(inputs, prompts):
+        r = reward_fn(inputs, prompts)
+        if not isinstance(r, torch.Tensor) or r.shape != (len(prompts),):
+            got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
+            raise ValueError(f"reward {name!r} returned {got}; expected a tensor of shape ({len(prompts)},)")
+        if not torch.isfinite(r).all():
+            raise ValueError(f"reward {name!r} returned non-finite values: {r[~torch.isfinite(r)][:4].tolist()}")
+        if (r < 0).any() and not warned:
+            warned.append(True)
+            warnings.warn(f"reward {name!r} returned negative values; Eq. 11 assumes rewards >= 0", stacklevel=2)
+        return r.float()
+
+    return fn
+
+
+@dataclass
+class Rollout:
+    prompts: list  # B prompts, group-major: (n g)
+    cond: dict  # conditioning tensors, batch first
+    latents: torch.Tensor  # (B, T+1, D...) x_0 .. x_T
+    log_probs: torch.Tensor  # (B, T) log p(x_{k+1} | x_k) under the sampling policy
+    rewards: torch.Tensor  # (B, T) instant rewards R_k (Eq. 9), or (B, 1) terminal only
+
+
+@torch.no_grad()
+def rollout(backend, prompts, sigmas, noise_level, reward_fn, generator, instant=True) -> Rollout:
+    """Sample B trajectories with Eq. 7 and score each state's one-step projection (Eq. 9).
+
+    The velocity that step k+1 needs is computed once and also projects x_{k+1} (TCRM costs
+    no extra forward). Per step at most one decode and one reward call for the whole batch;
+    with instant=False only the final state is decoded and scored (Flow-GRPO's cost).
+    """
+    cond = backend.encode(prompts)
+    x = backend.noise(len(prompts), generator)  # (B, D...)
+    T = len(sigmas) - 1
+    latents, log_probs, rewards = [x], [], []
+    v = backend.velocity(x, sigmas[0], cond)  # (B, D...)
+    for k in range(T):
+        x, log_prob, _, _ = sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], noise_level, generator=generator)
+        last = k == T - 1
+        if not last:
+            v = backend.velocity(x, sigmas[k + 1], cond)  # (B, D...), reused by step k+1
+        if instant or last:
+            x0hat = x if last else project_x0(x, v, sigmas[k + 1])  # (B, D...), Eq. 9
+            rewards.append(reward_fn(backend.decode(x0hat), prompts))  # (B,)
+        latents.append(x)
+        log_probs.append(log_prob)
+    return Rollout(prompts, cond, torch.stack(latents, 1), torch.stack(log_probs, 1), torch.stack(rewards, 1))
+
+
+@torch.no_grad()
+def evaluate(backend, reward_fn, prompts, num_steps, generator, chunk=64) -> float:
+    """Mean reward of ODE samples (noise level 0: Eq. 7 reduces to Euler), in chunks."""
+    sigmas = backend.sigmas(num_steps)
+    scores = []
+    for i in range(0, len(prompts), chunk):
+        p = prompts[i : i + chunk]
+        cond, x = backend.encode(p), backend.noise(len(p), generator)  # x: (b, D...)
+        for k in range(num_steps):
+            x = sde_step_with_logprob(backend.velocity(x, sigmas[k], cond), x, sigmas[k], sigmas[k + 1], 0.0)[0]
+        scores.append(reward_fn(backend.decode(x), p))
+    return torch.cat(scores).mean().item()
+
+
+# ------------------------------------------------------------------------------------------------
+# Advantages of one rollout batch: TCRM values (Eq. 10-11) -> ADAE (Eq. 13) or GRPO
+# ------------------------------------------------------------------------------------------------
+
+
+def batch_advantages(rewards, config: Config):
+    """Instant rewards (B, T) or terminal (B, 1) -> advantages (B, T) and diagnostics.
+
+    dense_values: Q = Eq. 10 of the instant rewards; else Q_k = R_T for every k, whose anchor
+    is R_T itself (discount 0). Weights w (Eq. 11) come from the dense values when enabled.
+    dense_values=False, kappa=0, weighting=auto is exactly Flow-GRPO's advantage.
+    """
+    c, T = config, config.num_steps
+    R = rearrange(rewards, "(n g) t -> n g t", g=c.group_size)  # (N, G, T|1)
+    terminal = R[..., -1]  # (N, G)
+    dense = cumulative_values(R, c.gamma) if R.shape[-1] == T else None  # (N, G, T)
+    values, anchor_gamma = (dense, c.gamma) if c.dense_values else (terminal[..., None].expand(-1, -1, T), 0.0)
+    weights = timestep_weights(dense, c.eps) if c.use_weights else torch.ones_like(values)  # (N, G, T)
+    adv = vgpo_advantages(values, c.kappa, c.anchor_steps, anchor_gamma, c.global_std, c.eps, c.adv_clip, weights)
+    rel = weights * relative_advantage(values, c.global_std, c.eps)  # (N, G, T), diagnostics only
+    anc = weights * anchor_advantage(values, c.kappa, c.anchor_steps, anchor_gamma)  # (N, G, T)
+    info = {
+        "reward_mean": terminal.mean().item(),
+        "value_mean": values.mean().item(),
+        "zero_std_ratio": (terminal.std(dim=1, correction=0) == 0).float().mean().item(),
+        "adv_rel_abs": rel.abs().mean().item(),
+        "adv_anchor_abs": anc.abs().mean().item(),
+    }
+    return rearrange(adv, "n g t -> (n g) t"), info
+
+
+# ------------------------------------------------------------------------------------------------
+# Policy update: per-step clipped loss (Eq. 8) + KL, minibatches, per-step backward
+# ------------------------------------------------------------------------------------------------
+
+
+def step_loss(backend, batch: Rollout, advantages, idx, k, sigmas, config: Config):
+    """Loss of sampling step k on the samples idx: recompute log p of the stored action, Eq. 8 + KL."""
+    cond = {name: t[idx] for name, t in batch.cond.items()}
+    x, x_next = batch.latents[idx, k], batch.latents[idx, k + 1]  # (b, D...)
+    v = backend.velocity(x, sigmas[k], cond)  # (b, D...), with grad
+    _, log_prob, mean, std = sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], config.noise_level, x_next=x_next)
+    loss, info = clipped_policy_loss(log_prob, batch.log_probs[idx, k], advantages[idx, k], config.clip_range)
+    kl = torch.zeros(len(idx), device=loss.device)  # (b,)
+    if config.beta > 0:
+        with torch.no_grad(), backend.reference():
+            v_ref = backend.velocity(x, sigmas[k], cond)  # (b, D...)
+            ref_mean = sde_step_with_logprob(v_ref, x, sigmas[k], sigmas[k + 1], config.noise_level, x_next=x_next)[2]
+        kl = kl_to_reference(mean, ref_mean, std)  # (b,)
+        loss = loss + config.beta * kl.mean()
+    return loss, {**info, "kl_ref": kl.mean().item(), "loss": loss.item()}
+
+
+def policy_update(backend, batch: Rollout, advantages, optimizer, sigmas, config: Config, generator):
+    """One rollout batch -> num_minibatches optimizer steps; backward per step (one graph alive).
+
+    Each step's loss is divided by the number of trained steps, so the accumulated gradient is
+    that of the mean of L_k over trained steps and minibatch samples.
+    """
+    trained = int(config.num_steps * config.timestep_fraction)
+    perm = torch.randperm(len(batch.prompts), generator=generator)
+    infos, onpolicy_err = [], None
+    for mb in perm.chunk(config.num_minibatches):
+        optimizer.zero_grad(set_to_none=True)
+        for k in range(trained):
+            loss, info = step_loss(backend, batch, advantages, mb, k, sigmas, config)
+            (loss / trained).backward()
+            infos.append(info)
+        if onpolicy_err is None:  # first minibatch ran before any update: ratio must be 1
+            onpolicy_err = max(i["ratio_err"] for i in infos)
+        grad_norm = torch.nn.utils.clip_grad_norm_(backend.parameters(), config.max_grad_norm)
+        optimizer.step()
+    means = {key: sum(i[key] for i in infos) / len(infos) for key in ("clipfrac", "approx_kl", "kl_ref", "loss")}
+    return {**means, "grad_norm": grad_norm.item(), "onpolicy_ratio_err": onpolicy_err}
+
+
+# ------------------------------------------------------------------------------------------------
+# Training loop
+# ------------------------------------------------------------------------------------------------
+
+
+def make_generator(seed: int, *stream: int) -> torch.Generator:
+    """A CPU generator for one purpose, seeded from (seed, stream...), so runs are reproducible."""
+    return torch.Generator().manual_seed(hash((seed, *stream)) % 2**63)
+
+
+def build_backend(config: Config):
+    """The model behind the backend interface: the CPU toy, or SD3.5 (tiny, hub id or directory)."""
+    torch.manual_seed(config.seed)  # LoRA initialisation draws from the global generator
+    if config.model == "toy":
+        return ToyBackend(config)
+    raise ValueError(f"Config.model={config.model!r}: only 'toy' is available so far")
+
+
+def train_iteration(backend, reward_fn, optimizer, sigmas, config: Config, iteration: int) -> dict:
+    """Algorithm 1, one iteration: sample groups, values and advantages, clipped update."""
+    start = time.perf_counter()
+    gen = make_generator(config.seed, 1, iteration)
+    prompts = backend.prompts(config.prompts_per_iteration, gen)
+    prompts = [p for p in prompts for _ in range(config.group_size)]  # (n g) order
+    instant = config.dense_values or config.use_weights  # GRPO scores the final state only
+    batch = rollout(backend, prompts, sigmas, config.noise_level, reward_fn, gen, instant)
+    advantages, info = batch_advantages(batch.rewards, config)  # (B, T)
+    info |= policy_update(backend, batch, advantages, optimizer, sigmas, config, gen)
+    return {"iteration": iteration, **info, "seconds": time.perf_counter() - start}
+
+
+def format_metrics(record: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+
+
+def train(config: Config, reward_fn=None) -> list[dict]:
+    """Train the configured model with VGPO (or GRPO); returns one metrics dict per iteration.
+
+    reward_fn(inputs, prompts) -> (B,) replaces the configured reward. The first record holds
+    `eval_reward_before` and the last `eval_reward` (ODE samples on held-out noise).
+    """
+    backend = build_backend(config)
+    name = getattr(reward_fn, "__name__", "reward_fn") if reward_fn else config.reward
+    reward_fn = checked_reward(reward_fn or backend.default_reward(), name)
+    optimizer = torch.optim.AdamW(
+        backend.parameters(), lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay, eps=1e-8
+    )
+    sigmas = backend.sigmas(config.num_steps)  # (T+1,)
+    eval_prompts = backend.eval_prompts(config.eval_samples)
+
+    def run_eval():
+        return evaluate(backend, reward_fn, eval_prompts, config.eval_steps, make_generator(config.seed, 2))
+
+    before, history = run_eval(), []
+    for it in tqdm(range(config.iterations), desc="vgpo", dynamic_ncols=True):
+        record = train_iteration(backend, reward_fn, optimizer, sigmas, config, it)
+        last = it == config.iterations - 1
+        if last or (config.eval_every and (it + 1) % config.eval_every == 0):
+            record["eval_reward"] = run_eval()
+        history.append(record)
+        tqdm.write(format_metrics(record))
+    if history:
+        history[0]["eval_reward_before"] = before
+        tqdm.write(
+            f"eval reward (ODE, {config.eval_steps} steps, held-out noise): "
+            f"before {before:.4f} -> after {history[-1]['eval_reward']:.4f}"
+        )
+    return history
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI (boilerplate): every Config field is a flag; help text is the field's comment
+# ------------------------------------------------------------------------------------------------
+
+
+def _field_help() -> dict:
+    import inspect
+
+    helps = {}
+    for line in inspect.getsource(Config).splitlines():
+        head, _, comment = line.partition("#")
+        if ":" in head and "=" in head and comment:
+            helps[head.split(":")[0].strip()] = comment.strip().replace("%", "%%")
+    return helps
+
+
+def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
+    """Defaults: the paper's, then PRESETS['toy'] for the toy, then --preset, then --method."""
+    import typing
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", default=Config.model)
+    pre.add_argument("--preset", default=None, choices=[p for p in PRESETS if p not in ("grpo", "vgpo")])
+    pre.add_argument("--method", default="vgpo", choices=["vgpo", "grpo"])
+    known, _ = pre.parse_known_args(argv)
+    defaults = dict(PRESETS["toy"]) if known.model == "toy" else {}
+    defaults |= PRESETS.get(known.preset, {}) | PRESETS[known.method]
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[pre])
+    types, helps = typing.get_type_hints(Config), _field_help()
+    for f in dataclasses.fields(Config):
+        if f.name == "model":  # already on the pre-parser
+            continue
+        kind = types[f.name]
+        default = defaults.get(f.name, f.default)
+        if kind is bool:
+            kwargs = dict(action=argparse.BooleanOptionalAction)
+        else:
+            kwargs = dict(type={int | None: int}.get(kind, kind))
+        parser.add_argument(f"--{f.name}", default=default, help=helps.get(f.name), **kwargs)
+    args = parser.parse_args(argv)
+    config = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    return config, args
+
+
+def main(argv=None):
+    config, _ = parse_args(argv)
+    train(config)
+
+
+if __name__ == "__main__":
+    main()
