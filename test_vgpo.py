@@ -248,3 +248,129 @@ def test_bad_reward_names_the_problem(bad, match):
     bad.__name__ = "my_reward"
     with pytest.raises(ValueError, match=f"my_reward.*{match}|{match}.*my_reward"):
         vgpo.train(vgpo.toy_config(**{**FAST, "iterations": 1}), reward_fn=bad)
+
+
+# ---------------------------------------------------------------------------- rewards.py
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import rewards  # noqa: E402
+import tiny  # noqa: E402
+
+
+def render_text(text, size=256):
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("RGB", (size, size), "white")
+    ImageDraw.Draw(image).text((20, 100), text, fill="black", font=ImageFont.load_default(size=40))
+    return torch.tensor(np.array(image)).permute(2, 0, 1).float() / 255  # (3, H, W)
+
+
+@pytest.fixture(scope="module")
+def ocr_reward():
+    return rewards.load_reward("ocr")
+
+
+def test_ocr_scores_the_right_text_about_one_and_wrong_or_missing_text_lower(ocr_reward):
+    images = torch.stack([render_text("HELLO"), render_text("Vgpo 42"), render_text("WORLD"), torch.ones(3, 256, 256)])
+    prompts = ['a sign that says "hello"', "a sign that says 'VGPO 42'", 'a sign "hello"', 'a sign "hello"']
+    scores = ocr_reward(images, prompts)
+    assert scores[0] > 0.95 and scores[1] > 0.95
+    assert scores[2] < 0.5 and scores[3] == 0
+    assert torch.equal(scores, ocr_reward(images, prompts))  # deterministic
+
+
+def test_ocr_score_definition():
+    assert rewards.edit_distance("kitten", "sitting") == 3 and rewards.edit_distance("", "abc") == 3
+    assert rewards.ocr_score("He llo", "HELLO") == 1.0  # case- and space-insensitive
+    assert rewards.ocr_score("help", "hello") == pytest.approx(1 - 2 / 5)
+    assert rewards.ocr_score("completely different", "hi") == 0.0  # clipped at 0
+    assert rewards.target_text('it\'s a sign that says "OK"') == "OK"
+
+
+def test_jpeg_rewards_order_flat_above_noise():
+    flat, noise = torch.full((1, 3, 64, 64), 0.5), torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    images = torch.cat([flat, noise])
+    comp = rewards.load_reward("jpeg_compressibility")(images, ["", ""])
+    incomp = rewards.load_reward("jpeg_incompressibility")(images, ["", ""])
+    assert comp[0] > comp[1] and incomp[0] < incomp[1]
+    torch.testing.assert_close(comp + incomp, torch.ones(2))
+    mix = rewards.load_reward("jpeg_compressibility:1.0,jpeg_incompressibility:0.5")(images, ["", ""])
+    torch.testing.assert_close(mix, comp + 0.5 * incomp)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_clip")
+    for part in tiny.tiny_clip():
+        part.save_pretrained(path)
+    return str(path)
+
+
+def test_pickscore_head_matches_clip_logits_through_the_real_loading_code(tiny_clip_dir):
+    from transformers import CLIPModel
+
+    scorer = rewards.load_clip_scorer(tiny_clip_dir, tiny_clip_dir, "cpu", rewards.pickscore_head)
+    images, prompts = torch.rand(3, 3, 48, 40), ["a red cat", "a dog", "text"]
+    scores = scorer(images, prompts)
+    model, tokenizer = CLIPModel.from_pretrained(tiny_clip_dir), tiny.tiny_tokenizer()
+    pixels = rewards.clip_preprocess(images, 32, scorer.mean, scorer.std)
+    with torch.no_grad():
+        logits = model(**tokenizer(prompts, padding=True, return_tensors="pt"), pixel_values=pixels).logits_per_image
+    torch.testing.assert_close(scores, logits.diag() / 26)
+    one_by_one = torch.cat([scorer(images[i : i + 1], prompts[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(scores, one_by_one, atol=1e-5, rtol=1e-5)  # batching changes nothing
+
+
+def test_clip_preprocess_matches_the_image_processor_normalisation(tiny_clip_dir):
+    from transformers import CLIPImageProcessor
+
+    processor = CLIPImageProcessor.from_pretrained(tiny_clip_dir)
+    images = torch.rand(2, 3, 32, 32)
+    expected = processor(images=list(images), return_tensors="pt", do_rescale=False).pixel_values
+    got = rewards.clip_preprocess(images, 32, processor.image_mean, processor.image_std)
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)
+
+
+def test_clipscore_and_aesthetic_heads_have_the_documented_form(tiny_clip_dir):
+    scorer = rewards.load_clip_scorer(tiny_clip_dir, tiny_clip_dir, "cpu", rewards.clipscore_head)
+    assert (
+        (scorer(torch.rand(2, 3, 32, 32), ["a", "b"]) >= 0) & (scorer(torch.rand(2, 3, 32, 32), ["a", "b"]) <= 2.5)
+    ).all()
+    keys = set(rewards.AestheticMLP().state_dict())  # the LAION v2 checkpoint's key names
+    assert keys == {f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")}
+
+
+def test_hub_reward_offline_error_names_the_model_and_the_offline_rewards():
+    code = "import rewards; rewards.load_reward('pickscore')"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode != 0
+    assert "yuvalkirstain/PickScore_v1" in out.stderr and "jpeg_compressibility" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "images,prompts,match",
+    [
+        (torch.rand(2, 3, 8, 8), ["a"], "2 images but 1 prompts"),
+        (torch.randint(0, 255, (2, 3, 8, 8)), ["a", "b"], "dtype"),
+        (torch.rand(2, 8, 8), ["a", "b"], "shape"),
+        (torch.rand(2, 3, 8, 8) * 255, ["a", "b"], r"\[0, 1\]"),
+        (torch.rand(0, 3, 8, 8), [], "empty"),
+    ],
+)
+def test_bad_reward_input_names_the_problem(images, prompts, match):
+    with pytest.raises(ValueError, match=match):
+        rewards.load_reward("jpeg_compressibility")(images, prompts)
+
+
+def test_bad_reward_spec_and_ocr_prompt_name_the_problem(ocr_reward):
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        rewards.load_reward("nope")
+    with pytest.raises(ValueError, match="weight 'x'"):
+        rewards.load_reward("ocr:x")
+    with pytest.raises(ValueError, match="no quoted target text"):
+        ocr_reward(torch.ones(1, 3, 32, 32), ["a plain prompt"])

@@ -1,0 +1,287 @@
+"""Image rewards behind one contract.
+
+    fn = load_reward(spec, device="cpu")
+    fn(images, prompts) -> (B,) float32 tensor on the images' device
+
+`images` is a float tensor (B, 3, H, W) in [0, 1]; `prompts` a list of B strings. `spec` is a
+name from REWARDS or a weighted mix "ocr:1.0,pickscore:0.5" (the weighted SUM of the parts).
+Every reward says its range; SPEC section 3 wants rewards in roughly [0, 1], because the
+timestep weights of Eq. 11 divide by a trajectory's mean value. Heavy imports and downloads
+happen inside each factory, so listing or mixing rewards costs nothing until one is loaded.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+OFFLINE_REWARDS = ("ocr", "jpeg_compressibility", "jpeg_incompressibility")
+
+
+def check_inputs(images, prompts) -> None:
+    """Raise a ValueError naming the problem unless images/prompts follow the contract."""
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be a float tensor in [0, 1], got dtype {images.dtype}")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError("images is an empty batch (B = 0)")
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a list of strings")
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
+    lo, hi = images.min().item(), images.max().item()
+    if lo < 0 or hi > 1:
+        raise ValueError(f"images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+
+
+def to_uint8(images) -> list:
+    """(B, 3, H, W) in [0, 1] -> list of B (H, W, 3) uint8 numpy arrays."""
+    arr = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)  # (B, 3, H, W)
+    return list(arr.permute(0, 2, 3, 1).cpu().numpy())
+
+
+# ------------------------------------------------------------------------------------------------
+# JPEG (DDPO): pure, offline
+# ------------------------------------------------------------------------------------------------
+
+
+def jpeg_bits_per_pixel(images, quality: int = 95) -> torch.Tensor:
+    """JPEG size (quality 95, as DDPO) in bits per pixel. (B, 3, H, W) -> (B,)."""
+    from PIL import Image
+
+    sizes = []
+    for arr in to_uint8(images):
+        buffer = io.BytesIO()
+        Image.fromarray(arr).save(buffer, format="JPEG", quality=quality)
+        sizes.append(8 * buffer.tell() / (arr.shape[0] * arr.shape[1]))
+    return torch.tensor(sizes, dtype=torch.float32, device=images.device)
+
+
+def jpeg_incompressibility(device="cpu"):
+    """Range [0, ~1]: JPEG size over raw 24-bit RGB size. DDPO uses kB; this is the same order."""
+    return lambda images, prompts: jpeg_bits_per_pixel(images) / 24
+
+
+def jpeg_compressibility(device="cpu"):
+    """Range [~0, 1]: 1 - JPEG size over raw 24-bit RGB size (DDPO's -kB, shifted and scaled)."""
+    return lambda images, prompts: 1 - jpeg_bits_per_pixel(images) / 24
+
+
+# ------------------------------------------------------------------------------------------------
+# OCR (Flow-GRPO's definition) with rapidocr-onnxruntime, whose models ship in the package
+# ------------------------------------------------------------------------------------------------
+
+
+def target_text(prompt: str) -> str:
+    """The quoted part of an OCR prompt: the first "double-quoted", else 'single-quoted' text."""
+    match = re.search(r'"([^"]+)"', prompt) or re.search(r"'([^']+)'", prompt)
+    if match is None:
+        raise ValueError(f"OCR reward: prompt {prompt!r} has no quoted target text, e.g. 'a sign that says \"WORD\"'")
+    return match.group(1)
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions all cost 1)."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def ocr_score(recognised: str, target: str) -> float:
+    """max(0, 1 - edit_distance / len(target)), case- and space-insensitive (Flow-GRPO)."""
+    norm = lambda s: s.lower().replace(" ", "")
+    recognised, target = norm(recognised), norm(target)
+    return max(0.0, 1 - edit_distance(recognised, target) / max(len(target), 1))
+
+
+def ocr(device="cpu"):
+    """Range [0, 1]. Deterministic. rapidocr has no batch entry point: one engine call per image
+    inside one reward call (its recogniser batches the text boxes of an image)."""
+    from rapidocr_onnxruntime import RapidOCR
+
+    engine = RapidOCR()
+
+    def reward_fn(images, prompts):
+        targets = [target_text(p) for p in prompts]  # validate every prompt before any OCR
+        scores = []
+        for arr, target in zip(to_uint8(images), targets, strict=True):
+            result, _ = engine(arr[:, :, ::-1].copy(), use_cls=False)  # rapidocr reads BGR
+            text = "".join(line[1] for line in result or [])
+            scores.append(ocr_score(text, target))
+        return torch.tensor(scores, dtype=torch.float32, device=images.device)
+
+    return reward_fn
+
+
+# ------------------------------------------------------------------------------------------------
+# CLIP-type rewards (PickScore, CLIP score, LAION aesthetic): batched, preprocessing in torch
+# ------------------------------------------------------------------------------------------------
+
+
+def clip_preprocess(images, size: int, mean, std) -> torch.Tensor:
+    """CLIP's preprocessing in torch: shortest side to `size` (bicubic), centre crop, normalise."""
+    h, w = images.shape[-2:]
+    scale = size / min(h, w)
+    x = F.interpolate(
+        images.float(),
+        size=(max(size, round(h * scale)), max(size, round(w * scale))),
+        mode="bicubic",
+        align_corners=False,
+        antialias=True,
+    )  # (B, 3, h', w')
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    x = x[..., top : top + size, left : left + size].clamp(0, 1)  # (B, 3, size, size)
+    mean, std = torch.tensor(mean, device=x.device), torch.tensor(std, device=x.device)
+    return (x - mean[:, None, None]) / std[:, None, None]
+
+
+def _projected(features):
+    """transformers 4 returns the projected embedding; 5 returns an output whose pooler_output is it."""
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
+class ClipScorer(nn.Module):
+    """Image and text embeddings of a transformers CLIPModel, batched; scores by `head`."""
+
+    def __init__(self, model, tokenizer, size, mean, std, head):
+        super().__init__()
+        self.model, self.tokenizer, self.head = model.eval().requires_grad_(False), tokenizer, head
+        self.size, self.mean, self.std = size, mean, std
+
+    @torch.no_grad()
+    def forward(self, images, prompts):
+        device = next(self.model.parameters()).device
+        pixels = clip_preprocess(images.to(device), self.size, self.mean, self.std)  # (B, 3, S, S)
+        image = F.normalize(_projected(self.model.get_image_features(pixel_values=pixels)), dim=-1)  # (B, E)
+        tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt")
+        text = F.normalize(_projected(self.model.get_text_features(**tokens.to(device))), dim=-1)  # (B, E)
+        return self.head(self, image, text).float().to(images.device)  # (B,)
+
+
+def load_clip_scorer(model_id: str, processor_id: str, device, head) -> ClipScorer:
+    """Load a CLIPModel and its processor's tokenizer and normalisation from the hub or a directory."""
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    try:
+        model = CLIPModel.from_pretrained(model_id).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(processor_id)
+        proc = CLIPImageProcessor.from_pretrained(processor_id)
+    except OSError as err:
+        raise RuntimeError(
+            f"could not load {model_id!r} / {processor_id!r}: {err}. Without the hub, pre-download it into "
+            f"the Hugging Face cache and set HF_HUB_OFFLINE=1, or use an offline reward: {', '.join(OFFLINE_REWARDS)}"
+        ) from err
+    crop = proc.crop_size  # a dict (transformers 4), a SizeDict (5) or an int (old configs)
+    size = crop if isinstance(crop, int) else crop["height"]
+    return ClipScorer(model, tokenizer, size, proc.image_mean, proc.image_std, head)
+
+
+def pickscore_head(scorer, image, text):
+    """PickScore: logit_scale.exp() * cos(image, text), divided by 26 as Flow-GRPO (~0.8-0.9)."""
+    return scorer.model.logit_scale.exp() * (image * text).sum(-1) / 26
+
+
+def clipscore_head(scorer, image, text):
+    """CLIPScore (Hessel et al.): 2.5 * max(cos(image, text), 0); range [0, 2.5], typically 0.5-0.9."""
+    return 2.5 * (image * text).sum(-1).clamp_min(0)
+
+
+def pickscore(device="cpu"):
+    """PickScore_v1 (CLIP-H, 3.9 GB download); range about [0.7, 1] after the 1/26 scaling."""
+    return load_clip_scorer(
+        "yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", device, pickscore_head
+    )
+
+
+def clipscore(device="cpu"):
+    """CLIP ViT-L/14 (1.7 GB download) CLIPScore; see clipscore_head for the range."""
+    return load_clip_scorer("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14", device, clipscore_head)
+
+
+class AestheticMLP(nn.Module):
+    """LAION aesthetic predictor v2 head (linear-MSE variant) on normalised CLIP ViT-L/14 image embeddings."""
+
+    def __init__(self, dim: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(dim, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, embedding):
+        return self.layers(embedding).squeeze(-1)  # (B,)
+
+
+def aesthetic(device="cpu", repo="camenduru/improved-aesthetic-predictor", filename="sac+logos+ava1-l14-linearMSE.pth"):
+    """LAION aesthetic v2: a 1-10 score divided by 10, range about [0.3, 0.8]. CLIP-L + 3.7 MB head."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        state = torch.load(hf_hub_download(repo, filename), map_location="cpu", weights_only=True)
+    except Exception as err:  # the hub raises several types when offline
+        raise RuntimeError(
+            f"could not load the aesthetic head {repo}/{filename}: {err}. Offline rewards: {', '.join(OFFLINE_REWARDS)}"
+        ) from err
+    mlp = AestheticMLP().eval().requires_grad_(False).to(device)
+    mlp.load_state_dict(state)
+    head = lambda scorer, image, text: mlp(image) / 10
+    return load_clip_scorer("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14", device, head)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry and mixes
+# ------------------------------------------------------------------------------------------------
+
+REWARDS = {
+    "ocr": ocr,
+    "pickscore": pickscore,
+    "clipscore": clipscore,
+    "aesthetic": aesthetic,
+    "jpeg_compressibility": jpeg_compressibility,
+    "jpeg_incompressibility": jpeg_incompressibility,
+}
+
+
+def parse_spec(spec: str) -> list[tuple[str, float]]:
+    """'ocr' -> [('ocr', 1.0)]; 'ocr:1.0,pickscore:0.5' -> [('ocr', 1.0), ('pickscore', 0.5)]."""
+    parts = []
+    for item in spec.split(","):
+        name, _, weight = item.strip().partition(":")
+        if name not in REWARDS:
+            raise ValueError(f"unknown reward {name!r} in {spec!r}; choose from {sorted(REWARDS)}")
+        try:
+            parts.append((name, float(weight) if weight else 1.0))
+        except ValueError:
+            raise ValueError(f"reward weight {weight!r} of {name!r} in {spec!r} is not a number") from None
+    return parts
+
+
+def load_reward(spec: str, device="cpu"):
+    """A reward function for `spec`: sum_i weight_i * reward_i(images, prompts), checked inputs."""
+    parts = [(REWARDS[name](device), weight) for name, weight in parse_spec(spec)]
+
+    def reward_fn(images, prompts):
+        check_inputs(images, prompts)
+        total = torch.zeros(images.shape[0], dtype=torch.float32, device=images.device)  # (B,)
+        for fn, weight in parts:
+            total = total + weight * fn(images, prompts).to(total.device)
+        return total
+
+    reward_fn.__name__ = spec
+    return reward_fn
