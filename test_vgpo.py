@@ -374,3 +374,103 @@ def test_bad_reward_spec_and_ocr_prompt_name_the_problem(ocr_reward):
         rewards.load_reward("ocr:x")
     with pytest.raises(ValueError, match="no quoted target text"):
         ocr_reward(torch.ones(1, 3, 32, 32), ["a plain prompt"])
+
+
+# ---------------------------------------------------------------------------- SD3 backend (tiny pipeline)
+
+
+def tiny_config(**overrides):
+    return vgpo.Config(**{**vgpo.PRESETS["tiny"], "model": "tiny", **overrides})
+
+
+def counted_iteration(config):
+    backend = CountingBackend(vgpo.build_backend(config))
+    reward = vgpo.checked_reward(backend.default_reward(), config.reward)
+
+    def counted(images, prompts):
+        backend.calls["reward"] += 1
+        return reward(images, prompts)
+
+    optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
+    sigmas = backend.sigmas(config.num_steps)
+    with torch.no_grad():
+        vgpo.rollout(backend, ["a", "b"], sigmas, 0.7, counted, torch.Generator().manual_seed(0), True)
+    backend.calls = dict.fromkeys(backend.calls, 0)
+    record = vgpo.train_iteration(backend, counted, optimizer, sigmas, config, 0)
+    return backend.calls, record
+
+
+def test_vgpo_iteration_calls_the_transformer_as_often_as_grpo():
+    vgpo_calls, _ = counted_iteration(tiny_config(num_steps=4))
+    grpo_calls, _ = counted_iteration(tiny_config(num_steps=4, **vgpo.PRESETS["grpo"]))
+    assert vgpo_calls["velocity"] == grpo_calls["velocity"]
+    assert (vgpo_calls["decode"], vgpo_calls["reward"]) == (4, 4)  # one per step, for the whole batch
+    assert (grpo_calls["decode"], grpo_calls["reward"]) == (1, 1)
+
+
+def test_first_ratio_is_exactly_one_on_the_tiny_pipeline():
+    # exact when the training forward has the rollout's batch shape (one minibatch); with smaller
+    # minibatches float32 GEMM blocking differs and the error is ~1e-7
+    _, record = counted_iteration(tiny_config(num_minibatches=1))
+    assert record["onpolicy_ratio_err"] == 0
+
+
+def test_guided_velocity_detaches_the_unconditional_branch_only_in_training():
+    backend = vgpo.build_backend(tiny_config())
+    cond = backend.encode(["a sign"] * 2)
+    x = backend.noise(2, torch.Generator().manual_seed(0))
+    v = backend.velocity(x, 0.5, cond)
+    with torch.no_grad():
+        v_ng = backend.velocity(x, 0.5, cond)
+        backend.config.guidance_scale = 1.0
+        v_cond = backend.velocity(x, 0.5, cond)
+    torch.testing.assert_close(v.detach(), v_ng)  # detaching changes gradients, not values
+    assert not torch.allclose(v_ng, v_cond)  # guidance 4.5 differs from the conditional velocity
+
+
+def test_lora_saved_in_diffusers_format_reproduces_the_trained_policy(tmp_path):
+    config = tiny_config(iterations=2, lr=0.05, output_dir=str(tmp_path))
+    backend = vgpo.build_backend(config)
+    optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
+    reward = backend.default_reward()
+    for it in range(2):
+        vgpo.train_iteration(backend, reward, optimizer, backend.sigmas(10), config, it)
+    backend.save(str(tmp_path / "lora"))
+
+    def sample(pipe):
+        latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+        return pipe(
+            "a sign that says 'hi'",
+            latents=latents,
+            num_inference_steps=4,
+            height=32,
+            width=32,
+            max_sequence_length=16,
+            output_type="pt",
+        ).images
+
+    fresh = tiny.tiny_sd3_pipeline(32)
+    base = sample(fresh)
+    fresh.load_lora_weights(str(tmp_path / "lora"))
+    torch.testing.assert_close(sample(fresh), sample(backend.pipe), atol=1e-5, rtol=1e-5)
+    assert (sample(fresh) - base).abs().max() > 1e-3  # the adapter changed the images
+
+
+def test_tiny_training_writes_lora_history_and_sample_grids(tmp_path):
+    history = vgpo.train(tiny_config(iterations=2, output_dir=str(tmp_path)))
+    assert len(history) == 2 and "eval_reward" in history[-1]
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"history.json", "lora", "samples_before.png", "samples_00002.png"} <= names
+
+
+def test_ocr_prompts_carry_their_target_word():
+    prompts = vgpo.ocr_prompts(["coffee"])
+    assert all(rewards.target_text(p) == "COFFEE" for p in prompts)
+    assert not set(vgpo.OCR_WORDS) & set(vgpo.OCR_EVAL_WORDS)  # held-out words
+
+
+def test_unloadable_model_error_names_it_and_the_offline_options():
+    code = "import vgpo; vgpo.load_sd3_pipeline('no-such-org/no-such-model', 32, None)"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "no-such-org/no-such-model" in out.stderr and "--model tiny" in out.stderr

@@ -117,7 +117,7 @@ def tiny_sd3_pipeline(resolution: int = 32, seed: int = 0):
         scaling_factor=1.5305,
     )
     t5 = T5Config(vocab_size=len(VOCAB), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
-    return StableDiffusion3Pipeline(
+    pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -128,3 +128,6 @@ def tiny_sd3_pipeline(resolution: int = 32, seed: int = 0):
         text_encoder_3=T5EncoderModel(t5),
         tokenizer_3=tiny_tokenizer(),
     )
+    for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        part.eval()  # built from configs, modules start in training mode (T5 has dropout 0.1)
+    return pipe

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 class Config:
     # run
     model: str = "toy"  # "toy", "tiny" (random SD3, offline), or a hub id / local SD3.5 directory
-    reward: str = "toy_mode"  # toy: toy_mode|toy_region; images: a rewards.py spec, e.g. "ocr"
+    reward: str = ""  # toy_mode|toy_region (toy), or a rewards.py spec "ocr:1,pickscore:0.5"; "": toy_mode|ocr
     seed: int = 0  # seeds every torch.Generator of the run
     iterations: int = 100  # rollout + update rounds
     prompts_per_iteration: int = 8  # N, prompts (groups) per rollout batch
@@ -104,6 +104,8 @@ class Config:
     toy_pretrain_steps: int = 1500  # flow-matching steps of the base toy model
 
     def __post_init__(self):
+        if not self.reward:
+            self.reward = "toy_mode" if self.model == "toy" else "ocr"
         if self.anchor_steps is None:
             self.anchor_steps = self.num_steps // 2
         validate_config(self)
@@ -127,6 +129,19 @@ PRESETS = {
         lora_alpha=16,
         beta=0.01,
         eval_samples=512,
+    ),
+    "tiny": dict(
+        iterations=4,
+        group_size=4,
+        prompts_per_iteration=2,
+        resolution=32,
+        max_sequence_length=16,
+        reward="jpeg_compressibility",
+        eval_samples=4,
+        eval_steps=10,
+        lr=1e-3,
+        lora_rank=4,
+        lora_alpha=8,
     ),
     "grpo": dict(dense_values=False, kappa=0.0),  # Flow-GRPO's advantage, same trainer
     "vgpo": dict(dense_values=True),
@@ -182,6 +197,22 @@ def validate_config(c: Config) -> None:
     need(c.eval_samples >= 1, "eval_samples", "must be >= 1")
     need(c.toy_conditions >= 1, "toy_conditions", "must be >= 1")
     need(c.toy_modes >= 1, "toy_modes", "must be >= 1")
+    need(c.max_sequence_length >= 1, "max_sequence_length", "must be >= 1")
+    need(c.guidance_scale >= 1, "guidance_scale", "must be >= 1 (1: no guidance)")
+    if c.prompt_file:
+        import os
+
+        need(os.path.isfile(c.prompt_file), "prompt_file", "no such file")
+        need(any(line.strip() for line in open(c.prompt_file, encoding="utf-8")), "prompt_file", "file has no prompt")
+    if c.model == "toy":
+        need(c.reward in TOY_REWARDS, "reward", f"the toy's rewards are {sorted(TOY_REWARDS)}")
+    else:
+        import rewards
+
+        try:
+            rewards.parse_spec(c.reward)
+        except ValueError as err:
+            raise ValueError(f"Config.reward={c.reward!r} is invalid: {err}") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -526,6 +557,157 @@ class ToyBackend:
     def parameters(self):
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def save(self, directory: str):
+        self.model.save_pretrained(directory)  # the peft adapter
+
+
+# --- SD3.5: diffusers pipeline, peft LoRA on the transformer, guided velocity -------------------
+
+SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+OCR_WORDS = (
+    "hello world open close coffee bakery garden river summer winter north south market library museum "
+    "station harbor sunset forest music dance pizza books repair studio"
+).split()
+OCR_EVAL_WORDS = "welcome exit theatre orchard quiet".split()
+OCR_TEMPLATES = ['a sign that says "{}"', 'a storefront with the word "{}" painted on it', 'a poster reading "{}"']
+
+
+def ocr_prompts(words) -> list[str]:
+    """Built-in OCR prompts, `a sign that says "WORD"` style; rewards.ocr reads the quoted word."""
+    return [template.format(word.upper()) for word in words for template in OCR_TEMPLATES]
+
+
+def read_prompts(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def load_sd3_pipeline(model: str, resolution: int, dtype):
+    """`tiny` (random weights, offline) or a hub id / local directory of an SD3(.5) pipeline."""
+    if model == "tiny":
+        import tiny
+
+        return tiny.tiny_sd3_pipeline(resolution)
+    from diffusers import StableDiffusion3Pipeline
+
+    try:
+        return StableDiffusion3Pipeline.from_pretrained(model, torch_dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise RuntimeError(
+            f"could not load the SD3 pipeline {model!r}: {err}\nSD3.5 is gated: accept its licence on the hub and "
+            "log in (`hf auth login`), or pass a local directory, or pre-download into the Hugging Face cache "
+            "and set HF_HUB_OFFLINE=1. `--model tiny` runs the same code offline with random weights."
+        ) from err
+
+
+class SD3Backend:
+    """SD3(.5) behind the backend interface: frozen VAE and text encoders, LoRA on the transformer.
+
+    The guided velocity v = v_u + g (v_c - v_u) drives the sampler; in training the
+    unconditional branch is detached when cfg_detach_uncond (Flow-GRPO's train.cfg).
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.device = torch.device(
+            config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+        )
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        pipe = load_sd3_pipeline(config.model, config.resolution, self.dtype)
+        for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer):
+            part.requires_grad_(False).eval().to(self.device, self.dtype)  # eval: no dropout anywhere
+        if config.gradient_checkpointing:
+            pipe.transformer.enable_gradient_checkpointing()
+        self.model = add_lora(pipe.transformer, config.lora_rank, config.lora_alpha, SD3_LORA_TARGETS).eval()
+        for p in self.parameters():
+            p.data = p.data.float()  # LoRA weights and their optimizer state in float32
+        self.pipe, self.cache = pipe, {}
+        self.train_prompts = read_prompts(config.prompt_file) if config.prompt_file else ocr_prompts(OCR_WORDS)
+        self.held_out = read_prompts(config.prompt_file) if config.prompt_file else ocr_prompts(OCR_EVAL_WORDS)
+        if config.offload_text_encoders:  # encode every prompt now, then free the encoders' memory
+            self.encode(self.train_prompts + self.held_out)
+            pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None
+            torch.cuda.empty_cache() if self.device.type == "cuda" else None
+
+    def default_reward(self):
+        import rewards
+
+        return rewards.load_reward(self.config.reward, self.device)
+
+    def sigmas(self, num_steps):
+        return sigma_schedule(num_steps, self.config.shift)
+
+    def prompts(self, n, generator):
+        return [self.train_prompts[i] for i in torch.randint(len(self.train_prompts), (n,), generator=generator)]
+
+    def eval_prompts(self, n):
+        return [self.held_out[i % len(self.held_out)] for i in range(n)]
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        """Prompt embeddings under no_grad, computed once per distinct prompt and cached."""
+        new = sorted(set(prompts) - set(self.cache))
+        if new:
+            if self.pipe.text_encoder is None:
+                raise RuntimeError(f"prompt {new[0]!r} was not encoded before the text encoders were freed")
+            out = self.pipe.encode_prompt(
+                new,
+                new,
+                new,
+                device=self.device,
+                do_classifier_free_guidance=True,
+                max_sequence_length=self.config.max_sequence_length,
+            )
+            for i, p in enumerate(new):  # out: embeds (P, L, E), neg embeds, pooled (P, E'), neg pooled
+                self.cache[p] = [t[i] for t in out]
+        names = ("embeds", "neg_embeds", "pooled", "neg_pooled")
+        return {name: torch.stack([self.cache[p][j] for p in prompts]) for j, name in enumerate(names)}
+
+    def noise(self, batch, generator):
+        side = self.config.resolution // self.pipe.vae_scale_factor
+        shape = (batch, self.pipe.transformer.config.in_channels, side, side)
+        return _randn(shape, generator, self.device)  # (B, C, H, W)
+
+    def velocity(self, x, sigma, cond):
+        """Guided velocity, float32: v_u + g (v_c - v_u), both branches in one batched forward."""
+        t = (torch.as_tensor(sigma, dtype=torch.float32, device=self.device) * 1000).expand(2 * x.shape[0])  # (2B,)
+        out = self.model(
+            hidden_states=torch.cat([x, x]).to(self.dtype),  # (2B, C, H, W)
+            timestep=t,
+            encoder_hidden_states=torch.cat([cond["neg_embeds"], cond["embeds"]]),  # (2B, L, E)
+            pooled_projections=torch.cat([cond["neg_pooled"], cond["pooled"]]),  # (2B, E')
+            return_dict=False,
+        )[0].float()  # (2B, C, H, W)
+        v_uncond, v_cond = out.chunk(2)  # (B, C, H, W) each
+        if self.config.cfg_detach_uncond and torch.is_grad_enabled():
+            v_uncond = v_uncond.detach()
+        return v_uncond + self.config.guidance_scale * (v_cond - v_uncond)  # (B, C, H, W)
+
+    @torch.no_grad()
+    def decode(self, x0):
+        """Latents -> images (B, 3, H, W) in [0, 1], float32: one VAE call for the batch."""
+        vae = self.pipe.vae
+        latents = x0 / vae.config.scaling_factor + vae.config.shift_factor  # (B, C, h, w)
+        return (vae.decode(latents.to(self.dtype), return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+    def reference(self):
+        return self.model.disable_adapter()
+
+    def parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def save(self, directory: str):
+        """LoRA weights in the diffusers format: StableDiffusion3Pipeline.load_lora_weights(directory)."""
+        from diffusers import StableDiffusion3Pipeline
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.model)  # keys start with the PeftModel's "base_model.model."
+        layers = {key.removeprefix("base_model.model."): value for key, value in state.items()}
+        metadata = self.model.peft_config["default"].to_dict()  # lora_alpha: without it loaders assume alpha = r
+        StableDiffusion3Pipeline.save_lora_weights(
+            directory, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata
+        )
+
 
 # ------------------------------------------------------------------------------------------------
 # Rollout: SDE sampling with log-probs (Eq. 7) and instant rewards of the projections (Eq. 9)
@@ -587,17 +769,22 @@ def rollout(backend, prompts, sigmas, noise_level, reward_fn, generator, instant
 
 
 @torch.no_grad()
-def evaluate(backend, reward_fn, prompts, num_steps, generator, chunk=64) -> float:
-    """Mean reward of ODE samples (noise level 0: Eq. 7 reduces to Euler), in chunks."""
+def evaluate(backend, reward_fn, prompts, num_steps, generator, chunk=64):
+    """Mean reward of ODE samples (noise level 0: Eq. 7 reduces to Euler), in chunks.
+
+    Returns the mean reward and the decoded samples of the first chunk.
+    """
     sigmas = backend.sigmas(num_steps)
-    scores = []
+    scores, first = [], None
     for i in range(0, len(prompts), chunk):
         p = prompts[i : i + chunk]
         cond, x = backend.encode(p), backend.noise(len(p), generator)  # x: (b, D...)
         for k in range(num_steps):
             x = sde_step_with_logprob(backend.velocity(x, sigmas[k], cond), x, sigmas[k], sigmas[k + 1], 0.0)[0]
-        scores.append(reward_fn(backend.decode(x), p))
-    return torch.cat(scores).mean().item()
+        samples = backend.decode(x)
+        first = samples if first is None else first
+        scores.append(reward_fn(samples, p))
+    return torch.cat(scores).mean().item(), first
 
 
 # ------------------------------------------------------------------------------------------------
@@ -691,7 +878,7 @@ def build_backend(config: Config):
     torch.manual_seed(config.seed)  # LoRA initialisation draws from the global generator
     if config.model == "toy":
         return ToyBackend(config)
-    raise ValueError(f"Config.model={config.model!r}: only 'toy' is available so far")
+    return SD3Backend(config)
 
 
 def train_iteration(backend, reward_fn, optimizer, sigmas, config: Config, iteration: int) -> dict:
@@ -711,12 +898,39 @@ def format_metrics(record: dict) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
 
 
+def save_samples(samples, path: str) -> None:
+    """Boilerplate: a PNG grid of decoded images (B, 3, H, W) in [0, 1]; other samples are skipped."""
+    if samples is None or samples.ndim != 4:
+        return
+    from PIL import Image
+
+    cols = math.ceil(math.sqrt(len(samples)))
+    grid = torch.ones(3, samples.shape[2] * math.ceil(len(samples) / cols), samples.shape[3] * cols)
+    for i, image in enumerate(samples.cpu()):
+        r, c = divmod(i, cols)
+        grid[:, r * image.shape[1] : (r + 1) * image.shape[1], c * image.shape[2] : (c + 1) * image.shape[2]] = image
+    Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+
+
+def save_outputs(backend, config: Config, history: list) -> None:
+    """Boilerplate: the trained LoRA weights, the config and the history in config.output_dir."""
+    import json
+    import os
+
+    backend.save(os.path.join(config.output_dir, "lora"))
+    with open(os.path.join(config.output_dir, "history.json"), "w") as f:
+        json.dump({"config": dataclasses.asdict(config), "history": history}, f, indent=1)
+
+
 def train(config: Config, reward_fn=None) -> list[dict]:
     """Train the configured model with VGPO (or GRPO); returns one metrics dict per iteration.
 
     reward_fn(inputs, prompts) -> (B,) replaces the configured reward. The first record holds
-    `eval_reward_before` and the last `eval_reward` (ODE samples on held-out noise).
+    `eval_reward_before`, and records of evaluated iterations (every eval_every, and the last)
+    hold `eval_reward`: ODE samples on held-out noise and prompts.
     """
+    import os
+
     backend = build_backend(config)
     name = getattr(reward_fn, "__name__", "reward_fn") if reward_fn else config.reward
     reward_fn = checked_reward(reward_fn or backend.default_reward(), name)
@@ -725,24 +939,28 @@ def train(config: Config, reward_fn=None) -> list[dict]:
     )
     sigmas = backend.sigmas(config.num_steps)  # (T+1,)
     eval_prompts = backend.eval_prompts(config.eval_samples)
+    if config.output_dir:
+        os.makedirs(config.output_dir, exist_ok=True)
 
-    def run_eval():
-        return evaluate(backend, reward_fn, eval_prompts, config.eval_steps, make_generator(config.seed, 2))
+    def run_eval(tag):
+        mean, samples = evaluate(backend, reward_fn, eval_prompts, config.eval_steps, make_generator(config.seed, 2))
+        if config.output_dir:
+            save_samples(samples, os.path.join(config.output_dir, f"samples_{tag}.png"))
+        return mean
 
-    before, history = run_eval(), []
+    before, history = run_eval("before"), []
     for it in tqdm(range(config.iterations), desc="vgpo", dynamic_ncols=True):
         record = train_iteration(backend, reward_fn, optimizer, sigmas, config, it)
-        last = it == config.iterations - 1
-        if last or (config.eval_every and (it + 1) % config.eval_every == 0):
-            record["eval_reward"] = run_eval()
+        if it == config.iterations - 1 or (config.eval_every and (it + 1) % config.eval_every == 0):
+            record["eval_reward"] = run_eval(f"{it + 1:05d}")
         history.append(record)
         tqdm.write(format_metrics(record))
     if history:
         history[0]["eval_reward_before"] = before
-        tqdm.write(
-            f"eval reward (ODE, {config.eval_steps} steps, held-out noise): "
-            f"before {before:.4f} -> after {history[-1]['eval_reward']:.4f}"
-        )
+        after = history[-1]["eval_reward"]
+        tqdm.write(f"eval reward (ODE, {config.eval_steps} steps, held-out): before {before:.4f} -> after {after:.4f}")
+    if config.output_dir:
+        save_outputs(backend, config, history)
     return history
 
 
@@ -768,10 +986,10 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model", default=Config.model)
-    pre.add_argument("--preset", default=None, choices=[p for p in PRESETS if p not in ("grpo", "vgpo")])
+    pre.add_argument("--preset", default=None, choices=["small-gpu"], help="settings for one 24 GB GPU")
     pre.add_argument("--method", default="vgpo", choices=["vgpo", "grpo"])
     known, _ = pre.parse_known_args(argv)
-    defaults = dict(PRESETS["toy"]) if known.model == "toy" else {}
+    defaults = dict(PRESETS.get(known.model, {}))  # the toy and tiny models have presets of their own
     defaults |= PRESETS.get(known.preset, {}) | PRESETS[known.method]
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[pre])
