@@ -1,10 +1,18 @@
 """Tests in three tiers: closed forms of each equation, invariants, end-to-end training runs."""
 
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
 
+import rewards
+import tiny
 import vgpo
 
 # ---------------------------------------------------------------------------- closed forms
@@ -252,13 +260,6 @@ def test_bad_reward_names_the_problem(bad, match):
 
 # ---------------------------------------------------------------------------- rewards.py
 
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import rewards  # noqa: E402
-import tiny  # noqa: E402
-
 
 def render_text(text, size=256):
     import numpy as np
@@ -474,3 +475,165 @@ def test_unloadable_model_error_names_it_and_the_offline_options():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert "no-such-org/no-such-model" in out.stderr and "--model tiny" in out.stderr
+
+
+# ---------------------------------------------------------------------------- reliability
+
+
+RUN = ["--iterations", "10", "--checkpoint_every", "3", "--toy_pretrain_steps", "300", "--eval_samples", "64"]
+
+
+def _cli(args, kill_after=None, sig=signal.SIGKILL):
+    """Run `python vgpo.py args`; optionally send `sig` once the line of iteration `kill_after` appears."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "vgpo.py", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+    )
+    for line in proc.stdout:
+        if kill_after is not None and line.startswith(f"iteration={kill_after} "):
+            proc.send_signal(sig)
+    return proc.wait(timeout=300)
+
+
+def _history(directory):
+    with open(os.path.join(directory, "history.json")) as f:
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in json.load(f)["history"]]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_run(tmp_path, sig):
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    assert _cli([*RUN, "--output_dir", full]) == 0
+    assert _cli([*RUN, "--output_dir", cut], kill_after=4, sig=sig) != 0  # killed or stopped at iteration >= 4
+    saved = torch.load(os.path.join(cut, "checkpoint.pt"), weights_only=False)["iteration"]
+    assert 3 <= saved < 10 and not os.path.exists(os.path.join(cut, "history.json"))
+    assert _cli([*RUN, "--resume", cut]) == 0
+    assert _history(cut) == _history(full)
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    config = vgpo.toy_config(iterations=1, toy_pretrain_steps=300, eval_samples=16, output_dir=str(tmp_path))
+    vgpo.train(config)
+    with pytest.raises(ValueError, match="Config.kappa=0.5 differs from the checkpoint's 1.0"):
+        vgpo.train(
+            vgpo.toy_config(iterations=2, toy_pretrain_steps=300, eval_samples=16, kappa=0.5, resume=str(tmp_path))
+        )
+
+
+def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
+    config = vgpo.toy_config(iterations=1, toy_pretrain_steps=300, eval_samples=16, output_dir=str(tmp_path))
+    vgpo.train(config)
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def crash(*args, **kwargs):
+        open(args[1], "wb").write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        vgpo.train(vgpo.toy_config(iterations=2, toy_pretrain_steps=300, eval_samples=16, resume=str(tmp_path)))
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(noise_level=0.0), "noise_level"),
+        (dict(num_minibatches=0), "num_minibatches"),
+        (dict(resolution=500), "resolution=500"),
+        (dict(model="tiny", reward="pickscor"), "unknown reward 'pickscor'"),
+        (dict(model="tiny", prompt_file="/no/such/file"), "prompt_file.*no such file"),
+        (dict(device="gpu"), "device='gpu'"),
+        (dict(resume="/no/such/dir"), "checkpoint.pt"),
+        (dict(gamma=1.5), "gamma=1.5"),
+    ],
+)
+def test_more_bad_configs_name_the_field(kwargs, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        vgpo.Config(**kwargs)
+
+
+def test_empty_prompt_file_is_refused(tmp_path):
+    (tmp_path / "p.txt").write_text("\n  \n")
+    with pytest.raises(ValueError, match="prompt_file.*no prompt"):
+        vgpo.Config(model="tiny", prompt_file=str(tmp_path / "p.txt"))
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda x, p: torch.zeros(len(p), dtype=torch.long), "dtype"),
+        (lambda x, p: torch.zeros(len(p), device="meta"), "meta"),
+    ],
+)
+def test_reward_dtype_and_device_are_checked(bad, match):
+    with pytest.raises(ValueError, match=match):
+        vgpo.checked_reward(bad, "r")(torch.zeros(2, 2), [0, 1])
+
+
+def test_negative_rewards_warn_once_and_weights_fall_back():
+    fn = vgpo.checked_reward(lambda x, p: -torch.ones(len(p)), "neg")
+    with pytest.warns(UserWarning, match="negative") as record:
+        fn(torch.zeros(2, 2), [0, 1])
+        fn(torch.zeros(2, 2), [0, 1])
+    assert sum("negative" in str(w.message) for w in record) == 1
+    with pytest.warns(UserWarning, match="fall back"):
+        w = vgpo.timestep_weights(vgpo.cumulative_values(-torch.ones(2, 5), 0.9))
+    torch.testing.assert_close(w, torch.ones(2, 5))
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 10.0])
+@pytest.mark.parametrize("num_steps", [1, 2, 10, 50])
+@pytest.mark.parametrize("noise_level", [0.0, 0.1, 0.7, 1.5])
+def test_sampler_and_loss_are_finite_over_schedules_and_noise(shift, num_steps, noise_level):
+    sigmas = vgpo.sigma_schedule(num_steps, shift)
+    assert sigmas[0] == 1 and sigmas[-1] == 0
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, generator=g)
+    for k in range(num_steps):
+        v = torch.randn(4, 3, generator=g, requires_grad=True)
+        x_next, lp, mean, std = vgpo.sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], noise_level, generator=g)
+        assert torch.isfinite(x_next).all() and torch.isfinite(lp).all() and torch.isfinite(mean).all()
+        if noise_level > 0:
+            loss, _ = vgpo.clipped_policy_loss(lp, lp.detach() + 0.01, torch.randn(4, generator=g), 1e-4)
+            loss = loss + vgpo.kl_to_reference(mean, mean.detach() + 0.1, std).mean()
+            loss.backward()
+            assert torch.isfinite(loss) and torch.isfinite(v.grad).all()
+        x = x_next.detach()
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-12, 1.0, 1e6, -1e6])
+@pytest.mark.parametrize("num_steps", [1, 10, 50])
+def test_values_and_advantages_are_finite_for_extreme_rewards(scale, num_steps):
+    g = torch.Generator().manual_seed(0)
+    rewards = scale * torch.rand(3, 4, num_steps, generator=g)
+    for gamma in (0.0, 0.9, 1.0):
+        values = vgpo.cumulative_values(rewards, gamma)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            adv = vgpo.vgpo_advantages(values, 1.0, num_steps // 2, gamma, global_std=False)
+        assert torch.isfinite(values).all() and torch.isfinite(adv).all() and adv.abs().max() <= 5.0
+    equal = vgpo.grpo_advantages(torch.full((2, 3), scale), num_steps)
+    assert torch.isfinite(equal).all() and equal.abs().max() == 0
+
+
+# ---------------------------------------------------------------------------- torch.distributed (gloo, CPU)
+
+
+def test_two_gloo_ranks_give_the_history_of_one_process(tmp_path):
+    args = ["--iterations", "3", "--toy_pretrain_steps", "300", "--eval_samples", "64"]
+    args += ["--prompts_per_iteration", "4", "--group_size", "4"]  # two groups per rank
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert _cli([*args, "--output_dir", one]) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "vgpo.py"]
+    cwd = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([*torchrun, *args, "--output_dir", two], check=True, capture_output=True, timeout=300, cwd=cwd)
+    for a, b in zip(_history(one), _history(two), strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key

@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -96,16 +97,21 @@ class Config:
     # evaluation and output (boilerplate)
     eval_every: int = 0  # evaluate every this many iterations; 0: only before and after
     eval_samples: int = 64  # held-out samples per evaluation (toy: noise; SD3: prompts x 1)
-    output_dir: str = ""  # LoRA weights, sample grids and history; empty: nothing written
+    output_dir: str = ""  # LoRA weights, sample grids, history, checkpoints; empty: nothing written
+    checkpoint_every: int = 10  # also on SIGINT/SIGTERM and at the end; needs output_dir
+    resume: str = ""  # a directory holding checkpoint.pt: continue that run exactly
     device: str = "auto"  # auto: cuda if available, else cpu
     # toy backend
     toy_conditions: int = 4  # conditions ("prompts") of the 2D toy
     toy_modes: int = 4  # modes of each condition's target mixture
+    toy_spread: float = 0.15  # std of each mode of the toy's base distribution
     toy_pretrain_steps: int = 1500  # flow-matching steps of the base toy model
 
     def __post_init__(self):
         if not self.reward:
             self.reward = "toy_mode" if self.model == "toy" else "ocr"
+        if self.resume and not self.output_dir:
+            self.output_dir = self.resume  # a resumed run keeps writing where it was
         if self.anchor_steps is None:
             self.anchor_steps = self.num_steps // 2
         validate_config(self)
@@ -194,9 +200,16 @@ def validate_config(c: Config) -> None:
     need(c.lora_rank >= 1, "lora_rank", "must be >= 1")
     need(c.resolution >= 16 and c.resolution % 16 == 0, "resolution", "must be a multiple of 16")
     need(c.eval_every >= 0, "eval_every", "must be >= 0")
+    need(c.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: only on a signal and at the end)")
+    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", c.device) is not None, "device", "auto, cpu, cuda, cuda:N or mps")
+    if c.resume:
+        import os
+
+        need(os.path.isfile(os.path.join(c.resume, "checkpoint.pt")), "resume", "the directory has no checkpoint.pt")
     need(c.eval_samples >= 1, "eval_samples", "must be >= 1")
     need(c.toy_conditions >= 1, "toy_conditions", "must be >= 1")
     need(c.toy_modes >= 1, "toy_modes", "must be >= 1")
+    need(c.toy_spread > 0, "toy_spread", "must be > 0")
     need(c.max_sequence_length >= 1, "max_sequence_length", "must be >= 1")
     need(c.guidance_scale >= 1, "guidance_scale", "must be >= 1 (1: no guidance)")
     if c.prompt_file:
@@ -459,7 +472,7 @@ class ToyVelocity(nn.Module):
 
 
 @functools.lru_cache(maxsize=8)
-def pretrain_toy(num_conditions: int, num_modes: int, steps: int, seed: int = 0):
+def pretrain_toy(num_conditions: int, num_modes: int, spread: float, steps: int, seed: int = 0):
     """Flow matching on x_s = (1-s) x0 + s x1, target v = x1 - x0; returns the base state dict.
 
     Cached per process, so tests and experiments pretrain once. Takes seconds on a CPU.
@@ -471,7 +484,7 @@ def pretrain_toy(num_conditions: int, num_modes: int, steps: int, seed: int = 0)
     for _ in range(steps):
         c = torch.randint(num_conditions, (512,), generator=g)  # (512,)
         m = torch.randint(num_modes, (512,), generator=g)  # (512,)
-        x0 = modes[c, m] + 0.15 * torch.randn(512, 2, generator=g)  # (512, 2)
+        x0 = modes[c, m] + spread * torch.randn(512, 2, generator=g)  # (512, 2)
         x1 = torch.randn(512, 2, generator=g)  # (512, 2)
         s = torch.rand(512, 1, generator=g)  # (512, 1)
         loss = ((net((1 - s) * x0 + s * x1, s, c) - (x1 - x0)) ** 2).mean()
@@ -518,7 +531,8 @@ class ToyBackend:
     def __init__(self, config: Config):
         self.config = config
         net = ToyVelocity(config.toy_conditions)
-        net.load_state_dict(pretrain_toy(config.toy_conditions, config.toy_modes, config.toy_pretrain_steps))
+        c = config
+        net.load_state_dict(pretrain_toy(c.toy_conditions, c.toy_modes, c.toy_spread, c.toy_pretrain_steps))
         targets = ["net.0", "net.2", "net.4", "net.6"]
         self.model = add_lora(net, config.lora_rank, config.lora_alpha, targets).eval()
         self.device = torch.device("cpu")
@@ -723,6 +737,10 @@ def checked_reward(reward_fn, name: str):
         if not isinstance(r, torch.Tensor) or r.shape != (len(prompts),):
             got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
             raise ValueError(f"reward {name!r} returned {got}; expected a tensor of shape ({len(prompts)},)")
+        if not r.is_floating_point():
+            raise ValueError(f"reward {name!r} returned dtype {r.dtype}; expected a float tensor")
+        if r.device != inputs.device:
+            raise ValueError(f"reward {name!r} returned a tensor on {r.device}; its inputs are on {inputs.device}")
         if not torch.isfinite(r).all():
             raise ValueError(f"reward {name!r} returned non-finite values: {r[~torch.isfinite(r)][:4].tolist()}")
         if (r < 0).any() and not warned:
@@ -840,27 +858,36 @@ def step_loss(backend, batch: Rollout, advantages, idx, k, sigmas, config: Confi
     return loss, {**info, "kl_ref": kl.mean().item(), "loss": loss.item()}
 
 
-def policy_update(backend, batch: Rollout, advantages, optimizer, sigmas, config: Config, generator):
+def policy_update(
+    backend, batch: Rollout, advantages, optimizer, sigmas, config: Config, generator, offset=0, total=None
+):
     """One rollout batch -> num_minibatches optimizer steps; backward per step (one graph alive).
 
     Each step's loss is divided by the number of trained steps, so the accumulated gradient is
-    that of the mean of L_k over trained steps and minibatch samples.
+    that of the mean of L_k over trained steps and minibatch samples. Minibatches are drawn over
+    all `total` samples of every rank; this rank holds samples offset..offset+B-1, weighs its
+    part by its share of the minibatch, and gradients are summed over ranks (data parallel).
     """
-    trained = int(config.num_steps * config.timestep_fraction)
-    perm = torch.randperm(len(batch.prompts), generator=generator)
-    infos, onpolicy_err = [], None
-    for mb in perm.chunk(config.num_minibatches):
-        optimizer.zero_grad(set_to_none=True)
-        for k in range(trained):
-            loss, info = step_loss(backend, batch, advantages, mb, k, sigmas, config)
-            (loss / trained).backward()
-            infos.append(info)
-        if onpolicy_err is None:  # first minibatch ran before any update: ratio must be 1
-            onpolicy_err = max(i["ratio_err"] for i in infos)
+    trained, local_size = int(config.num_steps * config.timestep_fraction), len(batch.prompts)
+    perm = torch.randperm(total or local_size, generator=generator)
+    sums, count, onpolicy_err = dict.fromkeys(("clipfrac", "approx_kl", "kl_ref", "loss"), 0.0), 0, 0.0
+    for j, mb in enumerate(perm.chunk(config.num_minibatches)):
+        local = mb[(mb >= offset) & (mb < offset + local_size)] - offset  # this rank's part of the minibatch
+        optimizer.zero_grad(set_to_none=False)
+        for k in range(trained if len(local) else 0):
+            loss, info = step_loss(backend, batch, advantages, local, k, sigmas, config)
+            (loss * len(local) / len(mb) / trained).backward()
+            sums = {key: sums[key] + info[key] * len(local) for key in sums}
+            if j == 0:  # the first minibatch runs before any update: its ratio must be 1
+                onpolicy_err = max(onpolicy_err, info["ratio_err"])
+        count += len(local) * trained
+        all_reduce_(*gradients(backend.parameters()))  # sum over ranks; nothing when alone
         grad_norm = torch.nn.utils.clip_grad_norm_(backend.parameters(), config.max_grad_norm)
         optimizer.step()
-    means = {key: sum(i[key] for i in infos) / len(infos) for key in ("clipfrac", "approx_kl", "kl_ref", "loss")}
-    return {**means, "grad_norm": grad_norm.item(), "onpolicy_ratio_err": onpolicy_err}
+    totals = all_reduce_(torch.tensor([*sums.values(), count], dtype=torch.float64))
+    err = all_reduce_(torch.tensor(onpolicy_err), op="max")
+    means = {key: (totals[i] / totals[-1]).item() for i, key in enumerate(sums)}
+    return {**means, "grad_norm": grad_norm.item(), "onpolicy_ratio_err": err.item()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -873,6 +900,59 @@ def make_generator(seed: int, *stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash((seed, *stream)) % 2**63)
 
 
+def rank_and_world() -> tuple[int, int]:
+    """Boilerplate: (rank, world size) under torch.distributed, else (0, 1)."""
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def init_distributed(config: Config) -> None:
+    """Boilerplate: under torchrun (WORLD_SIZE > 1) join the process group: nccl on GPUs, else gloo."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or dist.is_initialized():
+        return
+    if config.prompts_per_iteration % world:
+        raise ValueError(f"Config.prompts_per_iteration={config.prompts_per_iteration} must divide by {world} ranks")
+    cuda = torch.cuda.is_available() and config.device != "cpu"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def all_reduce_(*tensors, op="sum"):
+    """Boilerplate: in-place all-reduce (sum or max) over ranks; returns the first tensor."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensors[0] if tensors else None
+
+
+def gradients(params) -> list:
+    """The parameters' gradients, zeros where a rank had no sample to backpropagate."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return [p.grad for p in params]
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Boilerplate: concatenate every rank's rows, in rank order; the tensor itself when alone."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def build_backend(config: Config):
     """The model behind the backend interface: the CPU toy, or SD3.5 (tiny, hub id or directory)."""
     torch.manual_seed(config.seed)  # LoRA initialisation draws from the global generator
@@ -882,15 +962,25 @@ def build_backend(config: Config):
 
 
 def train_iteration(backend, reward_fn, optimizer, sigmas, config: Config, iteration: int) -> dict:
-    """Algorithm 1, one iteration: sample groups, values and advantages, clipped update."""
+    """Algorithm 1, one iteration: sample groups, values and advantages, clipped update.
+
+    Each rank samples whole groups; noise comes from one generator per (seed, iteration, global
+    sample index), so samples do not depend on the number of ranks.
+    """
     start = time.perf_counter()
-    gen = make_generator(config.seed, 1, iteration)
-    prompts = backend.prompts(config.prompts_per_iteration, gen)
-    prompts = [p for p in prompts for _ in range(config.group_size)]  # (n g) order
+    rank, world = rank_and_world()
+    gen = make_generator(config.seed, 1, iteration)  # the same on every rank
+    groups = backend.prompts(config.prompts_per_iteration, gen)  # (N,)
+    per_rank = config.prompts_per_iteration // world
+    prompts = [p for p in groups[rank * per_rank : (rank + 1) * per_rank] for _ in range(config.group_size)]
+    offset = rank * len(prompts)  # global index of this rank's first sample
+    noise = [make_generator(config.seed, 3, iteration, offset + i) for i in range(len(prompts))]
     instant = config.dense_values or config.use_weights  # GRPO scores the final state only
-    batch = rollout(backend, prompts, sigmas, config.noise_level, reward_fn, gen, instant)
-    advantages, info = batch_advantages(batch.rewards, config)  # (B, T)
-    info |= policy_update(backend, batch, advantages, optimizer, sigmas, config, gen)
+    batch = rollout(backend, prompts, sigmas, config.noise_level, reward_fn, noise, instant)
+    rewards = all_gather_rows(batch.rewards)  # (N*G, T|1), every rank's groups in order
+    advantages, info = batch_advantages(rewards, config)  # (N*G, T)
+    advantages = advantages[offset : offset + len(prompts)]  # (B_rank, T)
+    info |= policy_update(backend, batch, advantages, optimizer, sigmas, config, gen, offset, len(rewards))
     return {"iteration": iteration, **info, "seconds": time.perf_counter() - start}
 
 
@@ -922,44 +1012,143 @@ def save_outputs(backend, config: Config, history: list) -> None:
         json.dump({"config": dataclasses.asdict(config), "history": history}, f, indent=1)
 
 
-def train(config: Config, reward_fn=None) -> list[dict]:
-    """Train the configured model with VGPO (or GRPO); returns one metrics dict per iteration.
+# Fields a resumed run may change; any other difference from the checkpoint's config is an error.
+RESUMABLE_FIELDS = {"iterations", "resume", "output_dir", "checkpoint_every", "eval_every", "device"}
 
-    reward_fn(inputs, prompts) -> (B,) replaces the configured reward. The first record holds
-    `eval_reward_before`, and records of evaluated iterations (every eval_every, and the last)
-    hold `eval_reward`: ODE samples on held-out noise and prompts.
-    """
+
+def save_checkpoint(path: str, backend, optimizer, config: Config, history: list) -> None:
+    """Boilerplate: LoRA weights, optimizer, iteration, RNG, config and history, written atomically
+    (temporary file, then rename), so a crash while saving keeps the last good checkpoint."""
     import os
 
+    state = {
+        "lora": {n: p.detach().cpu() for n, p in backend.model.named_parameters() if p.requires_grad},
+        "optimizer": optimizer.state_dict(),
+        "iteration": len(history),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "config": dataclasses.asdict(config),
+        "history": history,
+    }
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path: str, backend, optimizer, config: Config) -> list:
+    """Boilerplate: restore a checkpoint into backend and optimizer; returns the history so far."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    for name, saved in state["config"].items():
+        if name not in RESUMABLE_FIELDS and getattr(config, name) != saved:
+            raise ValueError(
+                f"--resume: Config.{name}={getattr(config, name)!r} differs from the checkpoint's {saved!r}"
+            )
+    params = dict(backend.model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["lora"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["history"]
+
+
+class StopSignal:
+    """Boilerplate: SIGINT/SIGTERM set `requested`; the loop checkpoints after the current
+    iteration and stops. A second signal stops at once."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.requested, self.previous = False, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.requested:
+            signal.signal(signum, self.previous[signum])
+            signal.raise_signal(signum)
+        self.requested = True
+        tqdm.write(f"signal {signum}: stopping after this iteration, with a checkpoint")
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def setup(config: Config, reward_fn=None):
+    """The backend, the checked reward and AdamW (Flow-GRPO's settings) for a run."""
+    init_distributed(config)
     backend = build_backend(config)
     name = getattr(reward_fn, "__name__", "reward_fn") if reward_fn else config.reward
     reward_fn = checked_reward(reward_fn or backend.default_reward(), name)
     optimizer = torch.optim.AdamW(
         backend.parameters(), lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay, eps=1e-8
     )
-    sigmas = backend.sigmas(config.num_steps)  # (T+1,)
-    eval_prompts = backend.eval_prompts(config.eval_samples)
-    if config.output_dir:
-        os.makedirs(config.output_dir, exist_ok=True)
+    return backend, reward_fn, optimizer
+
+
+def train(config: Config, reward_fn=None) -> list[dict]:
+    """Train the configured model with VGPO (or GRPO); returns one metrics dict per iteration.
+
+    reward_fn(inputs, prompts) -> (B,) replaces the configured reward. The first record holds
+    `eval_reward_before`, and records of evaluated iterations (every eval_every, and the last)
+    hold `eval_reward`: ODE samples on held-out noise and prompts. With output_dir, checkpoints
+    are written every checkpoint_every iterations, on SIGINT/SIGTERM and at the end. Under
+    torchrun, rank 0 alone evaluates, logs and writes.
+    """
+    import os
+
+    backend, reward_fn, optimizer = setup(config, reward_fn)
+    sigmas, lead = backend.sigmas(config.num_steps), rank_and_world()[0] == 0  # sigmas: (T+1,)
+    out = config.output_dir if lead else ""
+    checkpoint = os.path.join(out, "checkpoint.pt") if out else ""
+    if out:
+        os.makedirs(out, exist_ok=True)
 
     def run_eval(tag):
-        mean, samples = evaluate(backend, reward_fn, eval_prompts, config.eval_steps, make_generator(config.seed, 2))
-        if config.output_dir:
-            save_samples(samples, os.path.join(config.output_dir, f"samples_{tag}.png"))
+        prompts, gen = backend.eval_prompts(config.eval_samples), make_generator(config.seed, 2)
+        mean, samples = evaluate(backend, reward_fn, prompts, config.eval_steps, gen)
+        if out:
+            save_samples(samples, os.path.join(out, f"samples_{tag}.png"))
         return mean
 
-    before, history = run_eval("before"), []
-    for it in tqdm(range(config.iterations), desc="vgpo", dynamic_ncols=True):
-        record = train_iteration(backend, reward_fn, optimizer, sigmas, config, it)
-        if it == config.iterations - 1 or (config.eval_every and (it + 1) % config.eval_every == 0):
-            record["eval_reward"] = run_eval(f"{it + 1:05d}")
-        history.append(record)
-        tqdm.write(format_metrics(record))
-    if history:
-        history[0]["eval_reward_before"] = before
-        after = history[-1]["eval_reward"]
+    history = (
+        load_checkpoint(os.path.join(config.resume, "checkpoint.pt"), backend, optimizer, config)
+        if config.resume
+        else []
+    )
+    before = run_eval("before") if lead and not history else None
+    with StopSignal() as stop:
+        for it in tqdm(range(len(history), config.iterations), desc="vgpo", dynamic_ncols=True, disable=not lead):
+            record = train_iteration(backend, reward_fn, optimizer, sigmas, config, it)
+            if it == 0:
+                record["eval_reward_before"] = before
+            last = it == config.iterations - 1
+            if lead and (last or (config.eval_every and (it + 1) % config.eval_every == 0)):
+                record["eval_reward"] = run_eval(f"{it + 1:05d}")
+            history.append(record)
+            if lead:
+                tqdm.write(format_metrics(record))
+            if checkpoint and (
+                last or stop.requested or (config.checkpoint_every and (it + 1) % config.checkpoint_every == 0)
+            ):
+                save_checkpoint(checkpoint, backend, optimizer, config, history)
+            if stop.requested:
+                raise KeyboardInterrupt(
+                    f"stopped by a signal after iteration {it}; resume with --resume {config.output_dir}"
+                )
+    if lead and history and "eval_reward" in history[-1]:
+        before, after = history[0]["eval_reward_before"], history[-1]["eval_reward"]
         tqdm.write(f"eval reward (ODE, {config.eval_steps} steps, held-out): before {before:.4f} -> after {after:.4f}")
-    if config.output_dir:
+    if out:
         save_outputs(backend, config, history)
     return history
 
@@ -1011,7 +1200,10 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
 
 def main(argv=None):
     config, _ = parse_args(argv)
-    train(config)
+    try:
+        train(config)
+    except KeyboardInterrupt as stop:
+        raise SystemExit(f"{stop}") from None
 
 
 if __name__ == "__main__":
