@@ -43,7 +43,7 @@ def run_one(job: tuple) -> dict:
     """One training run, quiet; returns its reward curve and summary numbers."""
     setting, method, seed, overrides = job
     torch.set_num_threads(1)  # two runs in parallel on two cores
-    config = vgpo.toy_config(seed=seed, **SETTINGS.get(setting, {}), **METHODS.get(method, {}), **overrides)
+    config = vgpo.toy_config(**{**SETTINGS[setting], **METHODS[method], "seed": seed, **overrides})
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         history = vgpo.train(config)
     curve = [h["reward_mean"] for h in history]
@@ -122,42 +122,58 @@ def methods_figure(runs: list[dict], path: str) -> None:
 
 
 def methods(args) -> None:
+    names = args.methods.split(",") if args.methods else list(METHODS)
+    anchor = {"kappa": args.kappa} if args.kappa is not None else {}  # only for methods with an anchor
     jobs = [
-        (s, m, seed, {"iterations": args.iterations}) for s in SETTINGS for m in METHODS for seed in range(args.seeds)
+        (s, m, seed, {"iterations": args.iterations, **(anchor if METHODS[m]["kappa"] else {})})
+        for s in SETTINGS
+        for m in names
+        for seed in range(args.seeds)
     ]
     start = time.perf_counter()
     runs = run_all(jobs, args.workers)
     wall = time.perf_counter() - start
     command = f"python experiments.py methods --seeds {args.seeds} --iterations {args.iterations}"
-    with open(os.path.join(args.out, "toy_methods.json"), "w") as f:
+    stem = "toy_methods"
+    if args.methods:
+        command, stem = command + f" --methods '{args.methods}'", stem + "_" + args.methods.replace(" ", "_")
+    if anchor:
+        command, stem = command + f" --kappa {args.kappa}", stem + f"_kappa{args.kappa}"
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
         json.dump(runs, f)
-    with open(os.path.join(args.out, "toy_methods.md"), "w") as f:
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
         f.write(f"`{command}`: {len(jobs)} runs, {wall:.0f} s wall on {args.workers} CPU workers.\n\n")
         f.write(methods_table(runs))
-    methods_figure(runs, os.path.join(args.out, "toy_methods.png"))
-    print(open(os.path.join(args.out, "toy_methods.md")).read())
+    methods_figure(runs, os.path.join(args.out, f"{stem}.png"))
+    print(open(os.path.join(args.out, f"{stem}.md")).read())
 
 
 def sweep(args) -> None:
-    """kappa x gamma for VGPO on the saturating reward, where the anchor matters most."""
-    kappas, gammas = [0.0, 0.5, 1.0, 2.0], [0.5, 0.9, 0.99]
+    """kappa x gamma for VGPO on a continuous and on the saturating reward."""
+    kappas, gammas, settings = [0.0, 0.5, 1.0, 2.0], [0.5, 0.9, 0.99], ["continuous, 4 modes", "saturating, 4 modes"]
     jobs = [
-        ("saturating, 4 modes", "VGPO", seed, {"iterations": args.iterations, "kappa": k, "gamma": g})
+        (s, "VGPO", seed, {"iterations": args.iterations, "kappa": k, "gamma": g})
+        for s in settings
         for k in kappas
         for g in gammas
         for seed in range(args.seeds)
     ]
     start = time.perf_counter()
     runs = run_all(jobs, args.workers)
-    rows = ["| kappa \\ gamma | " + " | ".join(map(str, gammas)) + " |", "|---" * (len(gammas) + 1) + "|"]
-    for k in kappas:
-        cells = [mean_std(r["eval_after"] for r in runs if r["kappa"] == k and r["gamma"] == g) for g in gammas]
-        rows.append(f"| {k} | " + " | ".join(cells) + " |")
     command = f"python experiments.py sweep --seeds {args.seeds} --iterations {args.iterations}"
     text = (
-        f"`{command}`: final eval reward (ODE) of VGPO on the saturating toy, mean ± std over "
-        f"{args.seeds} seeds; {time.perf_counter() - start:.0f} s wall.\n\n" + "\n".join(rows) + "\n"
+        f"`{command}`: final eval reward (ODE) of VGPO, mean ± std over {args.seeds} seeds; "
+        f"{time.perf_counter() - start:.0f} s wall on {args.workers} CPU workers.\n"
     )
+    for s in settings:
+        rows = [f"| {s}: kappa \\ gamma | " + " | ".join(map(str, gammas)) + " |", "|---" * (len(gammas) + 1) + "|"]
+        for k in kappas:
+            cells = [
+                mean_std(r["eval_after"] for r in runs if (r["setting"], r["kappa"], r["gamma"]) == (s, k, g))
+                for g in gammas
+            ]
+            rows.append(f"| {k} | " + " | ".join(cells) + " |")
+        text += "\n" + "\n".join(rows) + "\n"
     with open(os.path.join(args.out, "sweep.md"), "w") as f:
         f.write(text)
     print(text)
@@ -245,6 +261,8 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=vgpo.PRESETS["toy"]["iterations"])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--methods", default="", help="methods: a comma-separated subset of METHODS")
+    parser.add_argument("--kappa", type=float, default=None, help="methods: kappa of the methods with an anchor")
     parser.add_argument("--reward", default="jpeg_compressibility", help="benchmark: an image reward")
     parser.add_argument("--resolution", type=int, default=32, help="benchmark: image side")
     parser.add_argument("--repeats", type=int, default=3, help="benchmark: timed iterations")

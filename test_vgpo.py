@@ -219,8 +219,11 @@ def test_toy_training_raises_the_reward_and_ratio_starts_at_one():
     assert all(h["onpolicy_ratio_err"] == 0 for h in history)  # on-policy ratio is exactly 1
 
 
-def test_same_seed_same_history():
-    runs = [vgpo.train(vgpo.toy_config(**{**FAST, "iterations": 3})) for _ in range(2)]
+def test_same_seed_same_history_whatever_the_global_rng_and_cache():
+    vgpo.pretrain_toy.cache_clear()
+    runs = [vgpo.train(vgpo.toy_config(**{**FAST, "iterations": 3}))]  # pretrains: cache miss
+    torch.rand(17)  # the global generator moves on
+    runs.append(vgpo.train(vgpo.toy_config(**{**FAST, "iterations": 3})))  # cache hit
     strip = [[{k: v for k, v in h.items() if k != "seconds"} for h in run] for run in runs]
     assert strip[0] == strip[1]
 
@@ -637,3 +640,21 @@ def test_two_gloo_ranks_give_the_history_of_one_process(tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
+# ---------------------------------------------------------------------------- experiments.py (reduced)
+
+
+def test_reduced_experiment_writes_a_well_formed_table_figure_and_runs(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import experiments
+
+    monkeypatch.setitem(vgpo.PRESETS, "toy", {**vgpo.PRESETS["toy"], "toy_pretrain_steps": 200, "eval_samples": 32})
+    experiments.main(["methods", "--seeds", "1", "--iterations", "3", "--workers", "1", "--out", str(tmp_path)])
+    runs = json.loads((tmp_path / "toy_methods.json").read_text())
+    assert len(runs) == len(experiments.SETTINGS) * len(experiments.METHODS)
+    assert all(len(r["curve"]) == 3 and 0 <= r["eval_after"] <= 1 for r in runs)
+    table = (tmp_path / "toy_methods.md").read_text().splitlines()
+    assert sum(line.startswith("| ") for line in table) == 1 + len(runs)  # header + one row per run
+    assert Image.open(tmp_path / "toy_methods.png").size[0] > 500

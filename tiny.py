@@ -6,6 +6,7 @@ No file is downloaded: tokenizers are built in code from a character vocabulary.
 
 from __future__ import annotations
 
+import functools
 import string
 
 import torch
@@ -52,6 +53,18 @@ def _clip_text_config(hidden: int, projection: int):
     )
 
 
+def _own_rng(build):
+    """Run `build` on a forked global RNG: building a tiny model leaves the caller's RNG alone."""
+
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return build(*args, **kwargs)
+
+    return wrapper
+
+
+@_own_rng
 def tiny_clip(image_size: int = 32, seed: int = 0):
     """A random CLIPModel (text + vision, projection 16) with a character tokenizer and a
     CLIPImageProcessor, for the reward tests. Returns (model, tokenizer, image_processor)."""
@@ -76,6 +89,7 @@ def tiny_clip(image_size: int = 32, seed: int = 0):
     return CLIPModel(config).eval(), tiny_tokenizer(), processor
 
 
+@_own_rng
 def tiny_sd3_pipeline(resolution: int = 32, seed: int = 0):
     """A StableDiffusion3Pipeline of the real classes with tiny random weights.
 

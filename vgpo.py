@@ -429,12 +429,14 @@ def sigma_schedule(num_steps: int, shift: float) -> torch.Tensor:
     return scheduler.sigmas.float().cpu()  # (T+1,)
 
 
-def add_lora(module: nn.Module, rank: int, alpha: int, targets: list[str]):
-    """Wrap `module` in a peft LoRA adapter (gaussian init, as Flow-GRPO); base weights frozen."""
+def add_lora(module: nn.Module, rank: int, alpha: int, targets: list[str], seed: int):
+    """Wrap `module` in a peft LoRA adapter (gaussian init from `seed`, as Flow-GRPO); base frozen."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
-    return get_peft_model(module, config)
+    with torch.random.fork_rng(devices=[]):  # the init depends on the seed alone, not on the global RNG
+        torch.manual_seed(seed)
+        return get_peft_model(module, config)
 
 
 # --- toy: a conditional 2-D flow on per-condition mixtures of Gaussians --------------------------
@@ -478,7 +480,9 @@ def pretrain_toy(num_conditions: int, num_modes: int, spread: float, steps: int,
     Cached per process, so tests and experiments pretrain once. Takes seconds on a CPU.
     """
     g = torch.Generator().manual_seed(seed)
-    net = ToyVelocity(num_conditions)
+    with torch.random.fork_rng(devices=[]):  # the base model depends on the seed alone
+        torch.manual_seed(seed)
+        net = ToyVelocity(num_conditions)
     modes = toy_modes(num_conditions, num_modes)  # (C, M, 2)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     for _ in range(steps):
@@ -534,7 +538,7 @@ class ToyBackend:
         c = config
         net.load_state_dict(pretrain_toy(c.toy_conditions, c.toy_modes, c.toy_spread, c.toy_pretrain_steps))
         targets = ["net.0", "net.2", "net.4", "net.6"]
-        self.model = add_lora(net, config.lora_rank, config.lora_alpha, targets).eval()
+        self.model = add_lora(net, config.lora_rank, config.lora_alpha, targets, config.seed).eval()
         self.device = torch.device("cpu")
 
     def default_reward(self):
@@ -632,7 +636,9 @@ class SD3Backend:
             part.requires_grad_(False).eval().to(self.device, self.dtype)  # eval: no dropout anywhere
         if config.gradient_checkpointing:
             pipe.transformer.enable_gradient_checkpointing()
-        self.model = add_lora(pipe.transformer, config.lora_rank, config.lora_alpha, SD3_LORA_TARGETS).eval()
+        self.model = add_lora(
+            pipe.transformer, config.lora_rank, config.lora_alpha, SD3_LORA_TARGETS, config.seed
+        ).eval()
         for p in self.parameters():
             p.data = p.data.float()  # LoRA weights and their optimizer state in float32
         self.pipe, self.cache = pipe, {}
@@ -955,7 +961,6 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
 
 def build_backend(config: Config):
     """The model behind the backend interface: the CPU toy, or SD3.5 (tiny, hub id or directory)."""
-    torch.manual_seed(config.seed)  # LoRA initialisation draws from the global generator
     if config.model == "toy":
         return ToyBackend(config)
     return SD3Backend(config)
