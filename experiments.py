@@ -1,7 +1,8 @@
 """Experiments and benchmarks beside vgpo.py: measurements that write results, not tests.
 
     python experiments.py methods     # GRPO vs each part of VGPO vs VGPO on the CPU toy, over seeds
-    python experiments.py sweep       # kappa x gamma on the saturating toy reward
+    python experiments.py sweep       # kappa x gamma on a continuous and the saturating toy reward
+    python experiments.py diagnostics # training diagnostics by phase: why dense values plateau
     python experiments.py benchmark   # one GRPO and one VGPO iteration on the tiny SD3 pipeline
 
 Each writes markdown (and a PNG for `methods`) into --out (default results/).
@@ -79,20 +80,23 @@ def mean_std(values) -> str:
 def methods_table(runs: list[dict]) -> str:
     """Markdown: per setting and method, mean ± std over seeds."""
     rows = [
-        "| setting | method | final eval reward (ODE) | iters to rollout reward "
-        f"{THRESHOLD} (runs reaching it) | zero_std_ratio | s / iter |",
-        "|---|---|---|---|---|---|",
+        "| setting | method | final eval reward (ODE) | final rollout reward (SDE, last 10 it.) | iters to rollout "
+        f"reward {THRESHOLD} (runs reaching it) | zero_std_ratio | s / iter |",
+        "|---|---|---|---|---|---|---|",
     ]
     for setting in dict.fromkeys(r["setting"] for r in runs):
         for method in dict.fromkeys(r["method"] for r in runs):
             rs = [r for r in runs if r["setting"] == setting and r["method"] == method]
             reached = [r["iters_to_threshold"] for r in rs]
             hits = sum(x is not None for x in reached)
-            rows.append(
-                f"| {setting} | {method} | {mean_std(r['eval_after'] for r in rs)} | "
-                f"{mean_std(reached)} ({hits}/{len(rs)}) | {mean_std(r['zero_std_ratio'] for r in rs)} | "
-                f"{statistics.mean(r['sec_per_iter'] for r in rs):.3f} |"
-            )
+            cells = [
+                mean_std(r["eval_after"] for r in rs),
+                mean_std(statistics.mean(r["curve"][-10:]) for r in rs),
+                f"{mean_std(reached)} ({hits}/{len(rs)})",
+                mean_std(r["zero_std_ratio"] for r in rs),
+                f"{statistics.mean(r['sec_per_iter'] for r in rs):.3f}",
+            ]
+            rows.append(f"| {setting} | {method} | " + " | ".join(cells) + " |")
     before = {s: mean_std(r["eval_before"] for r in runs if r["setting"] == s) for s in SETTINGS}
     notes = "; ".join(f"{s}: {b}" for s, b in before.items() if b != "never")
     return "\n".join(rows) + f"\n\nPretrained policy (before training), eval reward: {notes}.\n"
@@ -179,6 +183,29 @@ def sweep(args) -> None:
     print(text)
 
 
+def diagnostics(args) -> None:
+    """Why dense values plateau: training diagnostics by phase, saturating reward, seed 0."""
+    keys = ("reward_mean", "zero_std_ratio", "adv_rel_abs", "adv_anchor_abs", "kl_ref", "clipfrac", "grad_norm")
+    phases = [(0, 30), (30, 60), (100, args.iterations)]
+    rows = ["| method | iterations | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for method in ("GRPO", "TCRM", "VGPO"):
+        config = vgpo.toy_config(
+            **{**SETTINGS["saturating, 4 modes"], **METHODS[method], "iterations": args.iterations}
+        )
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            history = vgpo.train(config)
+        for lo, hi in phases:
+            means = [statistics.mean(h[k] for h in history[lo:hi]) for k in keys]
+            rows.append(f"| {method} | {lo}-{hi} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+    text = (
+        f"`python experiments.py diagnostics --iterations {args.iterations}`: saturating toy reward, seed 0; "
+        "means of the logged metrics over each span of iterations.\n\n" + "\n".join(rows) + "\n"
+    )
+    with open(os.path.join(args.out, "diagnostics.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
 # ------------------------------------------------------------------------------------------------
 # Benchmark: cost of one iteration, GRPO vs VGPO, on the tiny SD3 pipeline
 # ------------------------------------------------------------------------------------------------
@@ -213,63 +240,91 @@ class CountingBackend:
 
 
 def benchmark_iteration(config: vgpo.Config, repeats: int) -> dict:
-    """Counts and seconds of one training iteration (after one warm-up iteration)."""
+    """Counts and seconds of one training iteration (after one warm-up iteration), split into
+    rollout (transformer, decodes, rewards) and update; peak GPU memory when on a GPU."""
     backend = CountingBackend(vgpo.build_backend(config))
     reward = backend.counted_reward(vgpo.checked_reward(backend.default_reward(), config.reward))
     optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
-    sigmas = backend.sigmas(config.num_steps)
-    vgpo.train_iteration(backend, reward, optimizer, sigmas, config, 0)  # warm-up
-    backend.calls = dict.fromkeys(backend.calls, 0)
-    backend.seconds = dict.fromkeys(backend.seconds, 0.0)
-    total = sum(
-        vgpo.train_iteration(backend, reward, optimizer, sigmas, config, i + 1)["seconds"] for i in range(repeats)
-    )
+    sigmas, phases = backend.sigmas(config.num_steps), {"rollout": 0.0, "update": 0.0}
+    originals = {"rollout": vgpo.rollout, "update": vgpo.policy_update}
+
+    def timed(phase):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            out = originals[phase](*args, **kwargs)
+            phases[phase] += time.perf_counter() - start
+            return out
+
+        return run
+
+    vgpo.rollout, vgpo.policy_update = timed("rollout"), timed("update")  # train_iteration looks them up
+    try:
+        vgpo.train_iteration(backend, reward, optimizer, sigmas, config, 0)  # warm-up
+        backend.calls, backend.seconds = dict.fromkeys(backend.calls, 0), dict.fromkeys(backend.seconds, 0.0)
+        phases.update(rollout=0.0, update=0.0)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        its = [vgpo.train_iteration(backend, reward, optimizer, sigmas, config, i + 1) for i in range(repeats)]
+    finally:
+        vgpo.rollout, vgpo.policy_update = originals["rollout"], originals["update"]
     per = {f"{k}_calls": v / repeats for k, v in backend.calls.items()}
-    per |= {f"{k}_s": v / repeats for k, v in backend.seconds.items()}
-    return {**per, "iteration_s": total / repeats}
+    per |= {f"{k}_s": v / repeats for k, v in {**backend.seconds, **phases}.items()}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    return {**per, "iteration_s": sum(i["seconds"] for i in its) / repeats, "peak_gib": peak}
 
 
 def benchmark(args) -> None:
-    base = dict(vgpo.PRESETS["tiny"], model="tiny", resolution=args.resolution)
+    base = {**vgpo.PRESETS.get(args.model, {}), **vgpo.PRESETS.get(args.preset, {})}
+    base |= dict(model=args.model, resolution=args.resolution, reward=args.reward)
     rows = [
-        "| method | s / iteration | transformer calls | VAE decodes | reward calls | "
-        "s in transformer calls | s in decodes | s in rewards |",
+        "| method | s / iteration | rollout s (transformer / decodes / rewards) | update s | transformer calls "
+        "| VAE decodes | reward calls | peak GPU GiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, overrides in (("GRPO", METHODS["GRPO"]), ("VGPO", METHODS["VGPO"])):
-        r = benchmark_iteration(vgpo.Config(**{**base, **overrides, "reward": args.reward}), args.repeats)
+    for name in ("GRPO", "VGPO"):
+        r = benchmark_iteration(vgpo.Config(**{**base, **METHODS[name]}), args.repeats)
+        split = f"{r['rollout_s'] - r['decode_s'] - r['reward_s']:.3f} / {r['decode_s']:.3f} / {r['reward_s']:.3f}"
         rows.append(
-            f"| {name} | {r['iteration_s']:.3f} | {r['velocity_calls']:.0f} | {r['decode_calls']:.0f} | "
-            f"{r['reward_calls']:.0f} | {r['velocity_s']:.3f} | {r['decode_s']:.3f} | {r['reward_s']:.3f} |"
+            f"| {name} | {r['iteration_s']:.3f} | {r['rollout_s']:.3f} ({split}) | {r['update_s']:.3f} "
+            f"| {r['velocity_calls']:.0f} | {r['decode_calls']:.0f} | {r['reward_calls']:.0f} | {r['peak_gib']:.2f} |"
         )
     c = vgpo.Config(**base)
-    command = f"python experiments.py benchmark --reward {args.reward} --resolution {args.resolution}"
-    text = (
-        f"`{command}` (tiny SD3 pipeline, CPU, {c.prompts_per_iteration} prompts x {c.group_size} samples, "
-        f"T = {c.num_steps}, {c.num_minibatches} minibatches, mean of {args.repeats} iterations). "
-        "Transformer calls count guided forwards (each a batched cond + uncond pass): rollout T, "
-        "training 2 per trained step and minibatch (policy + reference).\n\n" + "\n".join(rows) + "\n"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    command = (
+        f"python experiments.py benchmark --model {args.model} --reward {args.reward} --resolution {args.resolution}"
     )
-    with open(os.path.join(args.out, f"benchmark_{args.reward}.md"), "w") as f:
+    command += f" --preset {args.preset}" if args.preset else ""
+    text = (
+        f"`{command}` ({device}; {c.prompts_per_iteration} prompts x {c.group_size} samples, T = {c.num_steps}, "
+        f"{c.num_minibatches} minibatches, mean of {args.repeats} iterations after one warm-up). Transformer calls "
+        "are guided forwards (cond + uncond batched): T in the rollout, then per trained step and minibatch one "
+        "for the policy and one for the reference. Rollout transformer time includes the SDE steps.\n\n"
+        + "\n".join(rows)
+        + "\n"
+    )
+    stem = f"benchmark_{args.model}_{args.reward}" + (f"_{args.preset}" if args.preset else "")
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
         f.write(text)
     print(text)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["methods", "sweep", "benchmark"])
+    parser.add_argument("what", choices=["methods", "sweep", "diagnostics", "benchmark"])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=vgpo.PRESETS["toy"]["iterations"])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--methods", default="", help="methods: a comma-separated subset of METHODS")
     parser.add_argument("--kappa", type=float, default=None, help="methods: kappa of the methods with an anchor")
     parser.add_argument("--reward", default="jpeg_compressibility", help="benchmark: an image reward")
+    parser.add_argument("--model", default="tiny", help="benchmark: tiny, random-sd3.5-medium, or an SD3 id")
+    parser.add_argument("--preset", default="", help="benchmark: a vgpo.PRESETS entry, e.g. small-gpu")
     parser.add_argument("--resolution", type=int, default=32, help="benchmark: image side")
     parser.add_argument("--repeats", type=int, default=3, help="benchmark: timed iterations")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    {"methods": methods, "sweep": sweep, "benchmark": benchmark}[args.what](args)
+    {"methods": methods, "sweep": sweep, "diagnostics": diagnostics, "benchmark": benchmark}[args.what](args)
 
 
 if __name__ == "__main__":

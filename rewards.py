@@ -36,6 +36,8 @@ def check_inputs(images, prompts) -> None:
         raise ValueError("prompts must be a list of strings")
     if len(prompts) != images.shape[0]:
         raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or infinite values")
     lo, hi = images.min().item(), images.max().item()
     if lo < 0 or hi > 1:
         raise ValueError(f"images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")

@@ -364,6 +364,7 @@ def test_hub_reward_offline_error_names_the_model_and_the_offline_rewards():
         (torch.rand(2, 8, 8), ["a", "b"], "shape"),
         (torch.rand(2, 3, 8, 8) * 255, ["a", "b"], r"\[0, 1\]"),
         (torch.rand(0, 3, 8, 8), [], "empty"),
+        (torch.full((1, 3, 8, 8), math.nan), ["a"], "NaN"),
     ],
 )
 def test_bad_reward_input_names_the_problem(images, prompts, match):
@@ -430,6 +431,17 @@ def test_guided_velocity_detaches_the_unconditional_branch_only_in_training():
         v_cond = backend.velocity(x, 0.5, cond)
     torch.testing.assert_close(v.detach(), v_ng)  # detaching changes gradients, not values
     assert not torch.allclose(v_ng, v_cond)  # guidance 4.5 differs from the conditional velocity
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        backend = vgpo.build_backend(tiny_config(gradient_checkpointing=checkpointing))
+        x = backend.noise(2, torch.Generator().manual_seed(0))
+        backend.velocity(x, 0.5, backend.encode(["a sign"] * 2)).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in backend.parameters()]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_lora_saved_in_diffusers_format_reproduces_the_trained_policy(tmp_path):
@@ -508,10 +520,16 @@ def _history(directory):
         return [{k: v for k, v in h.items() if k != "seconds"} for h in json.load(f)["history"]]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_run(tmp_path, sig):
-    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    full = str(tmp_path_factory.mktemp("full"))
     assert _cli([*RUN, "--output_dir", full]) == 0
+    return full
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_run(tmp_path, sig, uninterrupted_run):
+    full, cut = uninterrupted_run, str(tmp_path / "cut")
     assert _cli([*RUN, "--output_dir", cut], kill_after=4, sig=sig) != 0  # killed or stopped at iteration >= 4
     saved = torch.load(os.path.join(cut, "checkpoint.pt"), weights_only=False)["iteration"]
     assert 3 <= saved < 10 and not os.path.exists(os.path.join(cut, "history.json"))
@@ -658,3 +676,24 @@ def test_reduced_experiment_writes_a_well_formed_table_figure_and_runs(tmp_path,
     table = (tmp_path / "toy_methods.md").read_text().splitlines()
     assert sum(line.startswith("| ") for line in table) == 1 + len(runs)  # header + one row per run
     assert Image.open(tmp_path / "toy_methods.png").size[0] > 500
+
+
+def test_benchmark_writes_counts_for_grpo_and_vgpo(tmp_path):
+    import experiments
+
+    experiments.main(["benchmark", "--repeats", "1", "--out", str(tmp_path)])
+    rows = [line.split("|") for line in (tmp_path / "benchmark_tiny_jpeg_compressibility.md").read_text().splitlines()]
+    counts = {r[1].strip(): [float(c) for c in r[5:8]] for r in rows if len(r) > 8 and r[1].strip() in ("GRPO", "VGPO")}
+    assert counts == {"GRPO": [46, 1, 1], "VGPO": [46, 10, 10]}  # 10 rollout + 9 steps x 2 minibatches x 2
+
+
+def test_sd35_medium_spec_respects_sd3_width_constraints():
+    spec = tiny.SD35_MEDIUM
+    clips = [spec["clip"], spec["clip_2"]]
+    assert spec["transformer"]["pooled_projection_dim"] == sum(c["projection_dim"] for c in clips)
+    assert spec["transformer"]["joint_attention_dim"] == spec["t5"]["d_model"] >= sum(c["hidden_size"] for c in clips)
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):  # builds the real architecture without allocating it
+        transformer = SD3Transformer2DModel(**spec["transformer"])
+    assert len(transformer.transformer_blocks) == 24

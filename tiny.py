@@ -36,21 +36,11 @@ def tiny_tokenizer(max_length: int = 77):
     )
 
 
-def _clip_text_config(hidden: int, projection: int):
+def _clip_text_config(**fields):
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_attention_heads=2,
-        num_hidden_layers=2,
-        projection_dim=projection,
-        max_position_embeddings=77,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
+    ids = dict(vocab_size=len(VOCAB), max_position_embeddings=77, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    return CLIPTextConfig(**{**ids, **fields})
 
 
 def _own_rng(build):
@@ -81,7 +71,11 @@ def tiny_clip(image_size: int = 32, seed: int = 0):
         projection_dim=16,
     )
     config = CLIPConfig(
-        text_config=_clip_text_config(16, 16).to_dict(), vision_config=vision.to_dict(), projection_dim=16
+        text_config=_clip_text_config(
+            hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2, projection_dim=16
+        ).to_dict(),
+        vision_config=vision.to_dict(),
+        projection_dim=16,
     )
     processor = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
@@ -89,24 +83,14 @@ def tiny_clip(image_size: int = 32, seed: int = 0):
     return CLIPModel(config).eval(), tiny_tokenizer(), processor
 
 
-@_own_rng
-def tiny_sd3_pipeline(resolution: int = 32, seed: int = 0):
-    """A StableDiffusion3Pipeline of the real classes with tiny random weights.
-
-    Widths follow SD3's constraints: pooled_projection_dim = the two CLIP projections summed,
-    T5 width (= joint_attention_dim) >= the two CLIP hidden widths summed. VAE downsamples 2x.
-    """
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=resolution // 2,
+# Component configs of the SD3 pipeline: tiny for tests, and SD3.5-Medium's published values
+# (stabilityai/stable-diffusion-3.5-medium, */config.json) for a random-weight model of real size.
+# Widths follow SD3's constraints: pooled_projection_dim = the two CLIP projections summed, and the
+# T5 width (= joint_attention_dim) >= the two CLIP hidden widths summed.
+TINY_SD3 = dict(
+    transformer=dict(
+        sample_size=16,
+        pos_embed_max_size=64,
         patch_size=2,
         in_channels=4,
         out_channels=4,
@@ -116,32 +100,106 @@ def tiny_sd3_pipeline(resolution: int = 32, seed: int = 0):
         joint_attention_dim=32,
         caption_projection_dim=16,
         pooled_projection_dim=16,
-        pos_embed_max_size=resolution,
+    ),
+    vae=dict(block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4),
+    clip=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2, projection_dim=8),
+    clip_2=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2, projection_dim=8),
+    t5=dict(d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2, vocab_size=len(VOCAB)),
+)
+SD35_MEDIUM = dict(
+    transformer=dict(
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=24,
+        attention_head_dim=64,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        caption_projection_dim=1536,
+        pooled_projection_dim=2048,
+        pos_embed_max_size=384,
+        qk_norm="rms_norm",
+        dual_attention_layers=tuple(range(13)),
+    ),
+    vae=dict(
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=16,
+        norm_num_groups=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ),
+    clip=dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_attention_heads=12,
+        num_hidden_layers=12,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+        vocab_size=49408,
+    ),
+    clip_2=dict(
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_attention_heads=20,
+        num_hidden_layers=32,
+        projection_dim=1280,
+        hidden_act="gelu",
+        vocab_size=49408,
+    ),
+    t5=dict(
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        feed_forward_proj="gated-gelu",
+        vocab_size=32128,
+    ),
+)
+
+
+@_own_rng
+def sd3_pipeline_from_configs(spec: dict, resolution: int, seed: int = 0, device=None, dtype=None):
+    """A StableDiffusion3Pipeline of the real classes with random weights from `spec`
+    (TINY_SD3 or SD35_MEDIUM), built directly on `device` in `dtype`; character tokenizers."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 8),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=resolution,
-        shift_factor=0.0609,
-        scaling_factor=1.5305,
-    )
-    t5 = T5Config(vocab_size=len(VOCAB), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
-        vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        text_encoder=CLIPTextModelWithProjection(_clip_text_config(16, 8)),
-        tokenizer=tiny_tokenizer(),
-        text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(16, 8)),
-        tokenizer_2=tiny_tokenizer(),
-        text_encoder_3=T5EncoderModel(t5),
-        tokenizer_3=tiny_tokenizer(),
-    )
-    for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    blocks = len(spec["vae"]["block_out_channels"])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)
+    try:
+        with torch.device(device or "cpu"):
+            parts = dict(
+                transformer=SD3Transformer2DModel(**spec["transformer"]),
+                vae=AutoencoderKL(
+                    down_block_types=("DownEncoderBlock2D",) * blocks,
+                    up_block_types=("UpDecoderBlock2D",) * blocks,
+                    sample_size=resolution,
+                    shift_factor=0.0609,
+                    scaling_factor=1.5305,
+                    **spec["vae"],
+                ),
+                text_encoder=CLIPTextModelWithProjection(_clip_text_config(**spec["clip"])),
+                text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(**spec["clip_2"])),
+                text_encoder_3=T5EncoderModel(T5Config(**spec["t5"])),
+            )
+    finally:
+        torch.set_default_dtype(previous)
+    for part in parts.values():
         part.eval()  # built from configs, modules start in training mode (T5 has dropout 0.1)
-    return pipe
+    tokenizers = dict(tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer(), tokenizer_3=tiny_tokenizer())
+    return StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **parts, **tokenizers)
+
+
+def tiny_sd3_pipeline(resolution: int = 32, seed: int = 0):
+    """The tiny random SD3 pipeline of the tests and `--model tiny` (VAE downsamples 2x)."""
+    return sd3_pipeline_from_configs(TINY_SD3, resolution, seed)

@@ -29,6 +29,9 @@ Decisions where the paper is silent (each is a Config field; see README "Decisio
      of TCRM (weights only, values only).                                       Config.weighting
   7. A deterministic step (noise level 0) has no density; its log-prob is reported as 0.
   8. KL to the reference follows Flow-GRPO (no |dt| in the denominator).        Config.beta
+  9. The reference policy is the LoRA adapter disabled; training recomputes the guided
+     velocity with the unconditional branch detached (Flow-GRPO).               Config.cfg_detach_uncond
+ 10. The sigma schedule is diffusers' FlowMatchEulerDiscreteScheduler's.        Config.shift
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from tqdm.auto import tqdm
 @dataclass
 class Config:
     # run
-    model: str = "toy"  # "toy", "tiny" (random SD3, offline), or a hub id / local SD3.5 directory
+    model: str = "toy"  # toy | tiny | random-sd3.5-medium (random weights, offline) | hub id | local directory
     reward: str = ""  # toy_mode|toy_region (toy), or a rewards.py spec "ocr:1,pickscore:0.5"; "": toy_mode|ocr
     seed: int = 0  # seeds every torch.Generator of the run
     iterations: int = 100  # rollout + update rounds
@@ -600,12 +603,15 @@ def read_prompts(path: str) -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
-def load_sd3_pipeline(model: str, resolution: int, dtype):
-    """`tiny` (random weights, offline) or a hub id / local directory of an SD3(.5) pipeline."""
-    if model == "tiny":
+def load_sd3_pipeline(model: str, resolution: int, dtype, device="cpu"):
+    """A hub id or local directory of an SD3(.5) pipeline; offline with random weights: `tiny`, or
+    `random-sd3.5-medium` (SD3.5-Medium's published architecture, built directly on `device`)."""
+    if model in ("tiny", "random-sd3.5-medium"):
         import tiny
 
-        return tiny.tiny_sd3_pipeline(resolution)
+        if model == "tiny":
+            return tiny.tiny_sd3_pipeline(resolution)
+        return tiny.sd3_pipeline_from_configs(tiny.SD35_MEDIUM, resolution, device=device, dtype=dtype)
     from diffusers import StableDiffusion3Pipeline
 
     try:
@@ -631,7 +637,7 @@ class SD3Backend:
             config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
         )
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        pipe = load_sd3_pipeline(config.model, config.resolution, self.dtype)
+        pipe = load_sd3_pipeline(config.model, config.resolution, self.dtype, self.device)
         for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer):
             part.requires_grad_(False).eval().to(self.device, self.dtype)  # eval: no dropout anywhere
         if config.gradient_checkpointing:
@@ -647,7 +653,8 @@ class SD3Backend:
         if config.offload_text_encoders:  # encode every prompt now, then free the encoders' memory
             self.encode(self.train_prompts + self.held_out)
             pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None
-            torch.cuda.empty_cache() if self.device.type == "cuda" else None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def default_reward(self):
         import rewards
@@ -887,11 +894,12 @@ def policy_update(
             if j == 0:  # the first minibatch runs before any update: its ratio must be 1
                 onpolicy_err = max(onpolicy_err, info["ratio_err"])
         count += len(local) * trained
-        all_reduce_(*gradients(backend.parameters()))  # sum over ranks; nothing when alone
+        all_reduce_gradients(backend.parameters())  # sum over ranks; nothing when alone
         grad_norm = torch.nn.utils.clip_grad_norm_(backend.parameters(), config.max_grad_norm)
         optimizer.step()
-    totals = all_reduce_(torch.tensor([*sums.values(), count], dtype=torch.float64))
-    err = all_reduce_(torch.tensor(onpolicy_err), op="max")
+    device = advantages.device  # nccl reduces GPU tensors only
+    totals = all_reduce_(torch.tensor([*sums.values(), count], dtype=torch.float64, device=device))
+    err = all_reduce_(torch.tensor(onpolicy_err, device=device), op="max")
     means = {key: (totals[i] / totals[-1]).item() for i, key in enumerate(sums)}
     return {**means, "grad_norm": grad_norm.item(), "onpolicy_ratio_err": err.item()}
 
@@ -930,22 +938,26 @@ def init_distributed(config: Config) -> None:
     dist.init_process_group("nccl" if cuda else "gloo")
 
 
-def all_reduce_(*tensors, op="sum"):
-    """Boilerplate: in-place all-reduce (sum or max) over ranks; returns the first tensor."""
+def all_reduce_(t: torch.Tensor, op="sum") -> torch.Tensor:
+    """Boilerplate: in-place all-reduce (sum or max) over ranks; the tensor itself when alone."""
     import torch.distributed as dist
 
     if dist.is_initialized():
-        for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return tensors[0] if tensors else None
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t
 
 
-def gradients(params) -> list:
-    """The parameters' gradients, zeros where a rank had no sample to backpropagate."""
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    return [p.grad for p in params]
+def all_reduce_gradients(params) -> None:
+    """Boilerplate: sum the LoRA gradients over ranks in one flat all-reduce (zeros where a rank
+    had no sample in the minibatch)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = all_reduce_(torch.cat([g.flatten() for g in grads]))
+    for p, part in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+        p.grad = part.view_as(p).clone()
 
 
 def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
@@ -1120,7 +1132,8 @@ def train(config: Config, reward_fn=None) -> list[dict]:
 
     def run_eval(tag):
         prompts, gen = backend.eval_prompts(config.eval_samples), make_generator(config.seed, 2)
-        mean, samples = evaluate(backend, reward_fn, prompts, config.eval_steps, gen)
+        chunk = config.prompts_per_iteration * config.group_size  # the rollout's batch, known to fit
+        mean, samples = evaluate(backend, reward_fn, prompts, config.eval_steps, gen, chunk)
         if out:
             save_samples(samples, os.path.join(out, f"samples_{tag}.png"))
         return mean
