@@ -3,6 +3,7 @@
     python experiments.py methods     # GRPO vs each part of VGPO vs VGPO on the CPU toy, over seeds
     python experiments.py sweep       # kappa x gamma on a continuous and the saturating toy reward
     python experiments.py diagnostics # training diagnostics by phase: why dense values plateau
+    python experiments.py reward_cost # milliseconds per image of the offline rewards
     python experiments.py benchmark   # one GRPO and one VGPO iteration on the tiny SD3 pipeline
 
 Each writes markdown (and a PNG for `methods`) into --out (default results/).
@@ -206,6 +207,36 @@ def diagnostics(args) -> None:
     print(text)
 
 
+def render_text(text: str, size: int = 256) -> torch.Tensor:
+    """Black text on white, drawn with PIL's default font: (3, size, size) in [0, 1]."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("RGB", (size, size), "white")
+    ImageDraw.Draw(image).text((20, size // 2 - 28), text, fill="black", font=ImageFont.load_default(size=40))
+    return torch.tensor(np.array(image)).permute(2, 0, 1).float() / 255  # (3, H, W)
+
+
+def reward_cost(args) -> None:
+    """Milliseconds per image of the offline rewards, on 8 images with rendered text per size."""
+    import rewards
+
+    rows = ["| reward | image side | ms / image | mean reward |", "|---|---|---|---|"]
+    for name in rewards.OFFLINE_REWARDS:
+        fn = rewards.load_reward(name)
+        for size in (256, 512):
+            images = torch.stack([render_text("HELLO", size) for _ in range(8)])  # (8, 3, S, S)
+            fn(images[:1], ['"hello"'])  # warm-up
+            start = time.perf_counter()
+            scores = fn(images, ['a sign that says "hello"'] * 8)
+            ms = (time.perf_counter() - start) / 8 * 1000
+            rows.append(f"| {name} | {size} | {ms:.1f} | {scores.mean():.3f} |")
+    text = "`python experiments.py reward_cost` (CPU):\n\n" + "\n".join(rows) + "\n"
+    with open(os.path.join(args.out, "reward_cost.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
 # ------------------------------------------------------------------------------------------------
 # Benchmark: cost of one iteration, GRPO vs VGPO, on the tiny SD3 pipeline
 # ------------------------------------------------------------------------------------------------
@@ -310,7 +341,7 @@ def benchmark(args) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["methods", "sweep", "diagnostics", "benchmark"])
+    parser.add_argument("what", choices=["methods", "sweep", "diagnostics", "reward_cost", "benchmark"])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=vgpo.PRESETS["toy"]["iterations"])
     parser.add_argument("--workers", type=int, default=2)
@@ -324,7 +355,8 @@ def main(argv=None):
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    {"methods": methods, "sweep": sweep, "diagnostics": diagnostics, "benchmark": benchmark}[args.what](args)
+    commands = dict(methods=methods, sweep=sweep, diagnostics=diagnostics, reward_cost=reward_cost, benchmark=benchmark)
+    commands[args.what](args)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+import experiments
 import rewards
 import tiny
 import vgpo
@@ -264,22 +265,20 @@ def test_bad_reward_names_the_problem(bad, match):
 # ---------------------------------------------------------------------------- rewards.py
 
 
-def render_text(text, size=256):
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
-
-    image = Image.new("RGB", (size, size), "white")
-    ImageDraw.Draw(image).text((20, 100), text, fill="black", font=ImageFont.load_default(size=40))
-    return torch.tensor(np.array(image)).permute(2, 0, 1).float() / 255  # (3, H, W)
-
-
 @pytest.fixture(scope="module")
 def ocr_reward():
     return rewards.load_reward("ocr")
 
 
 def test_ocr_scores_the_right_text_about_one_and_wrong_or_missing_text_lower(ocr_reward):
-    images = torch.stack([render_text("HELLO"), render_text("Vgpo 42"), render_text("WORLD"), torch.ones(3, 256, 256)])
+    images = torch.stack(
+        [
+            experiments.render_text("HELLO"),
+            experiments.render_text("Vgpo 42"),
+            experiments.render_text("WORLD"),
+            torch.ones(3, 256, 256),
+        ]
+    )
     prompts = ['a sign that says "hello"', "a sign that says 'VGPO 42'", 'a sign "hello"', 'a sign "hello"']
     scores = ocr_reward(images, prompts)
     assert scores[0] > 0.95 and scores[1] > 0.95
@@ -666,8 +665,6 @@ def test_two_gloo_ranks_give_the_history_of_one_process(tmp_path):
 def test_reduced_experiment_writes_a_well_formed_table_figure_and_runs(tmp_path, monkeypatch):
     from PIL import Image
 
-    import experiments
-
     monkeypatch.setitem(vgpo.PRESETS, "toy", {**vgpo.PRESETS["toy"], "toy_pretrain_steps": 200, "eval_samples": 32})
     experiments.main(["methods", "--seeds", "1", "--iterations", "3", "--workers", "1", "--out", str(tmp_path)])
     runs = json.loads((tmp_path / "toy_methods.json").read_text())
@@ -679,8 +676,6 @@ def test_reduced_experiment_writes_a_well_formed_table_figure_and_runs(tmp_path,
 
 
 def test_benchmark_writes_counts_for_grpo_and_vgpo(tmp_path):
-    import experiments
-
     experiments.main(["benchmark", "--repeats", "1", "--out", str(tmp_path)])
     rows = [line.split("|") for line in (tmp_path / "benchmark_tiny_jpeg_compressibility.md").read_text().splitlines()]
     counts = {r[1].strip(): [float(c) for c in r[5:8]] for r in rows if len(r) > 8 and r[1].strip() in ("GRPO", "VGPO")}
