@@ -1192,9 +1192,9 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     import typing
 
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--model", default=Config.model)
+    pre.add_argument("--model", default=Config.model, help=_field_help()["model"])
     pre.add_argument("--preset", default=None, choices=["small-gpu"], help="settings for one 24 GB GPU")
-    pre.add_argument("--method", default="vgpo", choices=["vgpo", "grpo"])
+    pre.add_argument("--method", default="vgpo", choices=["vgpo", "grpo"], help="grpo: dense_values off, kappa 0")
     known, _ = pre.parse_known_args(argv)
     defaults = dict(PRESETS.get(known.model, {}))  # the toy and tiny models have presets of their own
     defaults |= PRESETS.get(known.preset, {}) | PRESETS[known.method]
