@@ -661,7 +661,8 @@ def test_two_gloo_ranks_give_the_history_of_one_process(tmp_path):
     assert _cli([*args, "--output_dir", one]) == 0
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "vgpo.py"]
     cwd = os.path.dirname(os.path.abspath(__file__))
-    subprocess.run([*torchrun, *args, "--output_dir", two], check=True, capture_output=True, timeout=300, cwd=cwd)
+    out = subprocess.run([*torchrun, *args, "--output_dir", two], capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert out.returncode == 0, out.stderr[-3000:]
     for a, b in zip(_history(one), _history(two), strict=True):
         assert a.keys() == b.keys()
         for key in a:

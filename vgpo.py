@@ -921,21 +921,32 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def init_distributed(config: Config) -> None:
-    """Boilerplate: under torchrun (WORLD_SIZE > 1) join the process group: nccl on GPUs, else gloo."""
+def init_distributed(config: Config) -> bool:
+    """Boilerplate: under torchrun (WORLD_SIZE > 1) join the process group: nccl on GPUs, else gloo.
+    Returns whether this call created the group (and so must destroy it)."""
     import os
 
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 or dist.is_initialized():
-        return
+        return False
     if config.prompts_per_iteration % world:
         raise ValueError(f"Config.prompts_per_iteration={config.prompts_per_iteration} must divide by {world} ranks")
     cuda = torch.cuda.is_available() and config.device != "cpu"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+def close_distributed() -> None:
+    """Boilerplate: wait for every rank (rank 0 evaluates and saves last), then leave the group;
+    a gloo group left to the interpreter's exit can abort the process."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def all_reduce_(t: torch.Tensor, op="sum") -> torch.Tensor:
@@ -1102,7 +1113,6 @@ class StopSignal:
 
 def setup(config: Config, reward_fn=None):
     """The backend, the checked reward and AdamW (Flow-GRPO's settings) for a run."""
-    init_distributed(config)
     backend = build_backend(config)
     name = getattr(reward_fn, "__name__", "reward_fn") if reward_fn else config.reward
     reward_fn = checked_reward(reward_fn or backend.default_reward(), name)
@@ -1123,6 +1133,7 @@ def train(config: Config, reward_fn=None) -> list[dict]:
     """
     import os
 
+    owns_group = init_distributed(config)
     backend, reward_fn, optimizer = setup(config, reward_fn)
     sigmas, lead = backend.sigmas(config.num_steps), rank_and_world()[0] == 0  # sigmas: (T+1,)
     out = config.output_dir if lead else ""
@@ -1138,11 +1149,8 @@ def train(config: Config, reward_fn=None) -> list[dict]:
             save_samples(samples, os.path.join(out, f"samples_{tag}.png"))
         return mean
 
-    history = (
-        load_checkpoint(os.path.join(config.resume, "checkpoint.pt"), backend, optimizer, config)
-        if config.resume
-        else []
-    )
+    resume = os.path.join(config.resume, "checkpoint.pt") if config.resume else ""
+    history = load_checkpoint(resume, backend, optimizer, config) if resume else []
     before = run_eval("before") if lead and not history else None
     with StopSignal() as stop:
         for it in tqdm(range(len(history), config.iterations), desc="vgpo", dynamic_ncols=True, disable=not lead):
@@ -1155,9 +1163,8 @@ def train(config: Config, reward_fn=None) -> list[dict]:
             history.append(record)
             if lead:
                 tqdm.write(format_metrics(record))
-            if checkpoint and (
-                last or stop.requested or (config.checkpoint_every and (it + 1) % config.checkpoint_every == 0)
-            ):
+            due = last or stop.requested or (config.checkpoint_every and (it + 1) % config.checkpoint_every == 0)
+            if checkpoint and due:
                 save_checkpoint(checkpoint, backend, optimizer, config, history)
             if stop.requested:
                 raise KeyboardInterrupt(
@@ -1168,6 +1175,8 @@ def train(config: Config, reward_fn=None) -> list[dict]:
         tqdm.write(f"eval reward (ODE, {config.eval_steps} steps, held-out): before {before:.4f} -> after {after:.4f}")
     if out:
         save_outputs(backend, config, history)
+    if owns_group:
+        close_distributed()
     return history
 
 
