@@ -1143,7 +1143,7 @@ def train(config: Config, reward_fn=None) -> list[dict]:
 
     def run_eval(tag):
         prompts, gen = backend.eval_prompts(config.eval_samples), make_generator(config.seed, 2)
-        chunk = config.prompts_per_iteration * config.group_size  # the rollout's batch, known to fit
+        chunk = config.prompts_per_iteration * config.group_size // rank_and_world()[1]  # a rank's rollout batch
         mean, samples = evaluate(backend, reward_fn, prompts, config.eval_steps, gen, chunk)
         if out:
             save_samples(samples, os.path.join(out, f"samples_{tag}.png"))
@@ -1197,7 +1197,7 @@ def _field_help() -> dict:
 
 
 def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
-    """Defaults: the paper's, then PRESETS['toy'] for the toy, then --preset, then --method."""
+    """Defaults: the paper's, then PRESETS[model] (toy, tiny), --preset, --method; explicit flags win."""
     import typing
 
     pre = argparse.ArgumentParser(add_help=False)
