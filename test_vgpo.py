@@ -156,34 +156,12 @@ def test_loss_gradient_vanishes_where_the_clip_is_active():
     assert info["approx_kl"] == pytest.approx(0.5 * (0.25 * 3 + 0.0001) / 4)
 
 
-class CountingBackend:
-    """Wraps a backend and counts velocity, decode and reward calls."""
-
-    def __init__(self, inner):
-        self.inner, self.calls = inner, {"velocity": 0, "decode": 0, "reward": 0}
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def velocity(self, *a):
-        self.calls["velocity"] += 1
-        return self.inner.velocity(*a)
-
-    def decode(self, x):
-        self.calls["decode"] += 1
-        return self.inner.decode(x)
-
-
 @pytest.mark.parametrize("instant", [True, False])
 def test_tcrm_reuses_the_samplers_velocity(instant):
     config = vgpo.toy_config(toy_pretrain_steps=200)
-    backend = CountingBackend(vgpo.ToyBackend(config))
+    backend = experiments.CountingBackend(vgpo.ToyBackend(config))
     reward = backend.default_reward()
-
-    def counted(x, p):
-        backend.calls["reward"] += 1
-        return reward(x, p)
-
+    counted = backend.counted_reward(reward)
     sigmas = backend.sigmas(10)
     batch = vgpo.rollout(backend, [0, 1] * 4, sigmas, 0.7, counted, torch.Generator().manual_seed(0), instant)
     calls = 10 if instant else 1
@@ -388,13 +366,8 @@ def tiny_config(**overrides):
 
 
 def counted_iteration(config):
-    backend = CountingBackend(vgpo.build_backend(config))
-    reward = vgpo.checked_reward(backend.default_reward(), config.reward)
-
-    def counted(images, prompts):
-        backend.calls["reward"] += 1
-        return reward(images, prompts)
-
+    backend = experiments.CountingBackend(vgpo.build_backend(config))
+    counted = backend.counted_reward(vgpo.checked_reward(backend.default_reward(), config.reward))
     optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
     sigmas = backend.sigmas(config.num_steps)
     with torch.no_grad():
@@ -702,3 +675,10 @@ def test_sd35_medium_spec_respects_sd3_width_constraints():
     with torch.device("meta"):  # builds the real architecture without allocating it
         transformer = SD3Transformer2DModel(**spec["transformer"])
     assert len(transformer.transformer_blocks) == 24
+
+
+def test_prompt_file_feeds_training_and_evaluation(tmp_path):
+    (tmp_path / "prompts.txt").write_text('a sign that says "ONE"\n\n  a sign that says "TWO"  \n')
+    backend = vgpo.build_backend(tiny_config(prompt_file=str(tmp_path / "prompts.txt")))
+    expected = ['a sign that says "ONE"', 'a sign that says "TWO"']
+    assert backend.train_prompts == expected and backend.eval_prompts(3) == [*expected, expected[0]]

@@ -648,8 +648,10 @@ class SD3Backend:
         for p in self.parameters():
             p.data = p.data.float()  # LoRA weights and their optimizer state in float32
         self.pipe, self.cache = pipe, {}
-        self.train_prompts = read_prompts(config.prompt_file) if config.prompt_file else ocr_prompts(OCR_WORDS)
-        self.held_out = read_prompts(config.prompt_file) if config.prompt_file else ocr_prompts(OCR_EVAL_WORDS)
+        if config.prompt_file:  # evaluation uses the same file
+            self.train_prompts = self.held_out = read_prompts(config.prompt_file)
+        else:
+            self.train_prompts, self.held_out = ocr_prompts(OCR_WORDS), ocr_prompts(OCR_EVAL_WORDS)
         if config.offload_text_encoders:  # encode every prompt now, then free the encoders' memory
             self.encode(self.train_prompts + self.held_out)
             pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None
