@@ -5,6 +5,8 @@
     python experiments.py diagnostics # training diagnostics by phase: why dense values plateau
     python experiments.py reward_cost # milliseconds per image of the offline rewards
     python experiments.py benchmark   # one GRPO and one VGPO iteration on the tiny SD3 pipeline
+    python experiments.py overlap     # rewards scored inline vs in worker threads; OCR throughput
+    python experiments.py gpu_check   # memory and time of the small-GPU preset (needs a GPU)
 
 Each writes markdown (and a PNG for `methods`) into --out (default results/).
 """
@@ -253,15 +255,15 @@ class CountingBackend:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def _timed(self, name, fn, *args):
+    def _timed(self, name, fn, *args, **kwargs):
         start = time.perf_counter()
-        out = fn(*args)
+        out = fn(*args, **kwargs)
         self.calls[name] += 1
         self.seconds[name] += time.perf_counter() - start
         return out
 
-    def velocity(self, *args):
-        return self._timed("velocity", self.inner.velocity, *args)
+    def velocity(self, *args, **kwargs):
+        return self._timed("velocity", self.inner.velocity, *args, **kwargs)
 
     def decode(self, x):
         return self._timed("decode", self.inner.decode, x)
@@ -270,11 +272,29 @@ class CountingBackend:
         return lambda images, prompts: self._timed("reward", reward_fn, images, prompts)
 
 
-def benchmark_iteration(config: vgpo.Config, repeats: int) -> dict:
+def latency_reward(ms: float):
+    """A stand-in for a remote or CPU reward model: a fixed latency per call (sleeping, so it
+    holds no core), then the mean pixel value in [0, 1]."""
+
+    def reward_fn(images, prompts):
+        time.sleep(ms / 1000)
+        return images.float().mean(dim=tuple(range(1, images.ndim)))  # (B,)
+
+    reward_fn.__name__ = f"latency_{ms:g}ms"
+    return reward_fn
+
+
+def benchmark_iteration(config: vgpo.Config, repeats: int, backend=None, reward_fn=None, warmup=True) -> dict:
     """Counts and seconds of one training iteration (after one warm-up iteration), split into
-    rollout (transformer, decodes, rewards) and update; peak GPU memory when on a GPU."""
-    backend = CountingBackend(vgpo.build_backend(config))
-    reward = backend.counted_reward(vgpo.checked_reward(backend.default_reward(), config.reward))
+    rollout (transformer, decodes, rewards) and update; peak GPU memory when on a GPU.
+    backend: reuse a built backend (its config is replaced by `config`); reward_fn: instead of
+    the configured reward. With repeats = 0 only a rollout is timed (no update)."""
+    inner = backend.inner if isinstance(backend, CountingBackend) else backend
+    inner = inner or vgpo.build_backend(config)
+    inner.config = config
+    backend = CountingBackend(inner)
+    name = getattr(reward_fn, "__name__", config.reward)
+    reward = backend.counted_reward(vgpo.checked_reward(reward_fn or backend.default_reward(), name))
     optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
     sigmas, phases = backend.sigmas(config.num_steps), {"rollout": 0.0, "update": 0.0}
     originals = {"rollout": vgpo.rollout, "update": vgpo.policy_update}
@@ -289,19 +309,38 @@ def benchmark_iteration(config: vgpo.Config, repeats: int) -> dict:
         return run
 
     vgpo.rollout, vgpo.policy_update = timed("rollout"), timed("update")  # train_iteration looks them up
+    cuda = torch.cuda.is_available() and inner.device.type == "cuda"
     try:
-        vgpo.train_iteration(backend, reward, optimizer, sigmas, config, 0)  # warm-up
+        if warmup:
+            vgpo.train_iteration(backend, reward, optimizer, sigmas, config, 0)
         backend.calls, backend.seconds = dict.fromkeys(backend.calls, 0), dict.fromkeys(backend.seconds, 0.0)
         phases.update(rollout=0.0, update=0.0)
-        if torch.cuda.is_available():
+        if cuda:
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        its = [vgpo.train_iteration(backend, reward, optimizer, sigmas, config, i + 1) for i in range(repeats)]
+        if repeats:
+            its = [vgpo.train_iteration(backend, reward, optimizer, sigmas, config, i + 1) for i in range(repeats)]
+            seconds = sum(i["seconds"] for i in its) / repeats
+        else:  # a rollout alone, as train_iteration runs it
+            start, n = time.perf_counter(), config.prompts_per_iteration * config.group_size
+            prompts = backend.prompts(config.prompts_per_iteration, vgpo.make_generator(config.seed, 1, 1))
+            noise = [vgpo.make_generator(config.seed, 3, 1, i) for i in range(n)]
+            instant = config.dense_values or config.use_weights
+            batch = vgpo.rollout(
+                backend, [p for p in prompts for _ in range(config.group_size)], sigmas, config.noise_level,
+                reward, noise, instant, config.reward_workers,
+            )  # fmt: skip
+            seconds = time.perf_counter() - start
+            assert torch.isfinite(batch.rewards).all()
     finally:
         vgpo.rollout, vgpo.policy_update = originals["rollout"], originals["update"]
-    per = {f"{k}_calls": v / repeats for k, v in backend.calls.items()}
-    per |= {f"{k}_s": v / repeats for k, v in {**backend.seconds, **phases}.items()}
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    return {**per, "iteration_s": sum(i["seconds"] for i in its) / repeats, "peak_gib": peak}
+    n = max(repeats, 1)
+    per = {f"{k}_calls": v / n for k, v in backend.calls.items()}
+    per |= {f"{k}_s": v / n for k, v in {**backend.seconds, **phases}.items()}
+    if not repeats:
+        per["rollout_s"] = seconds
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    return {**per, "iteration_s": seconds, "peak_gib": peak}
 
 
 def benchmark(args) -> None:
@@ -339,9 +378,162 @@ def benchmark(args) -> None:
     print(text)
 
 
+# ------------------------------------------------------------------------------------------------
+# Overlap: instant rewards scored in threads while the sampler runs (reward_workers), parallel OCR
+# ------------------------------------------------------------------------------------------------
+
+OVERLAP_CASES = [  # (label, reward spec or latency in ms, image side)
+    ("jpeg_compressibility", "jpeg_compressibility", 32),
+    ("ocr", "ocr", 64),
+    ("ocr", "ocr", 256),
+    ("latency 50 ms / call", 50, 32),
+    ("latency 100 ms / call", 100, 32),
+]
+
+
+def ocr_throughput(threads_list, size: int = 256, images: int = 16) -> list[tuple[int, float]]:
+    """Images per second of one OCR reward call on rendered text, for each thread count."""
+    import rewards
+
+    batch = torch.stack([render_text(w, size) for w in ("HELLO", "GARDEN", "MUSIC", "NORTH") * (images // 4)])
+    prompts = ['a sign that says "hello"'] * len(batch)
+    out = []
+    for threads in threads_list:
+        fn = rewards.load_reward("ocr", threads=threads)
+        fn(batch, prompts)  # warm-up: one engine per thread
+        start = time.perf_counter()
+        fn(batch, prompts)
+        out.append((threads, len(batch) / (time.perf_counter() - start)))
+    return out
+
+
+def overlap(args) -> None:
+    """s/iteration of GRPO and VGPO on the tiny pipeline, rewards scored inline vs in worker threads."""
+    rows = [
+        "| reward | side | GRPO inline | VGPO inline | VGPO / GRPO | GRPO workers | VGPO workers | VGPO / GRPO "
+        "| VGPO extra cost hidden |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = {**vgpo.PRESETS["tiny"], "model": "tiny"}
+    for label, reward, side in OVERLAP_CASES:
+        spec = reward if isinstance(reward, str) else "jpeg_compressibility"
+        fn = None if isinstance(reward, str) else latency_reward(reward)
+        t = {}
+        for mode, workers in (("inline", 0), ("workers", vgpo.Config.reward_workers)):
+            for name in ("GRPO", "VGPO"):
+                config = vgpo.Config(**{**base, **METHODS[name], "resolution": side, "reward": spec})
+                config.reward_workers = workers
+                t[mode, name] = benchmark_iteration(config, args.repeats, reward_fn=fn)["iteration_s"]
+        hidden = 1 - (t["workers", "VGPO"] - t["workers", "GRPO"]) / (t["inline", "VGPO"] - t["inline", "GRPO"])
+        cells = [t["inline", "GRPO"], t["inline", "VGPO"], t["inline", "VGPO"] / t["inline", "GRPO"]]
+        cells += [t["workers", "GRPO"], t["workers", "VGPO"], t["workers", "VGPO"] / t["workers", "GRPO"], hidden]
+        rows.append(f"| {label} | {side} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+        print(rows[-1], flush=True)
+    cores = os.cpu_count() or 1
+    tput = ocr_throughput(sorted({1, 2, cores, 2 * cores}))
+    text = (
+        f"`python experiments.py overlap --repeats {args.repeats}` (CPU, {cores} cores; tiny pipeline, "
+        f"{base['prompts_per_iteration']} prompts x {base['group_size']} samples, T = 10; s / iteration, mean of "
+        f"{args.repeats} after a warm-up; workers = {vgpo.Config.reward_workers} reward threads). 'Hidden' is "
+        "1 - (VGPO - GRPO with workers) / (VGPO - GRPO inline).\n\n" + "\n".join(rows) + "\n\n"
+        "OCR throughput of one reward call (16 rendered-text images at 256 px; an engine per thread):\n\n"
+        "| threads | images / s |\n|---|---|\n" + "\n".join(f"| {n} | {r:.1f} |" for n, r in tput) + "\n"
+    )
+    with open(os.path.join(args.out, "overlap.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU check: memory and time of the small-GPU preset on SD3.5-Medium's architecture (random weights)
+# ------------------------------------------------------------------------------------------------
+
+
+def gpu_check(args) -> None:
+    """One backend of SD3.5-Medium's architecture, measured in several settings in turn (the text
+    encoders are freed part-way, as --offload_text_encoders does). Appends one JSON line per
+    measurement to --out/gpu_check.jsonl as it goes, then writes gpu_check.md."""
+    import dataclasses
+
+    cuda = torch.cuda.is_available()  # without one (a dry run: --model tiny --resolution 32) memory reads 0
+    gib = lambda read: read() / 2**30 if cuda else 0.0
+    path = os.path.join(args.out, "gpu_check.jsonl")
+    model = args.model if args.model != "tiny" or not cuda else "random-sd3.5-medium"
+    preset = {**vgpo.PRESETS["small-gpu"], "resolution": args.resolution, "reward": "jpeg_compressibility"}
+    if args.decode_batch is not None:
+        preset["decode_batch"] = args.decode_batch
+    base = vgpo.Config(**{**preset, "model": model, "offload_text_encoders": False})
+    start = time.perf_counter()
+    backend = vgpo.build_backend(base)
+    log = dict(device=torch.cuda.get_device_name() if cuda else "CPU", model=model, build_s=time.perf_counter() - start)
+    log["resident_gib"] = gib(torch.cuda.memory_allocated)
+    print(json.dumps(log), flush=True)
+
+    def measure(label, method, repeats=1, warmup=False, reward_fn=None, **fields):
+        config = dataclasses.replace(base, **{**METHODS[method], **fields})
+        if config.gradient_checkpointing:
+            backend.pipe.transformer.enable_gradient_checkpointing()
+        else:
+            backend.pipe.transformer.disable_gradient_checkpointing()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            r = benchmark_iteration(config, repeats, backend=backend, warmup=warmup, reward_fn=reward_fn)
+        except torch.OutOfMemoryError as err:
+            r = {"error": f"out of memory: {str(err)[:120]}"}
+        row = {"label": label, "method": method, **{k: getattr(config, k) for k in GPU_FIELDS}, **r}
+        row["reserved_gib"] = gib(torch.cuda.max_memory_reserved)
+        if cuda:
+            torch.cuda.empty_cache()
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+    if not args.skip_resident:
+        measure("encoders resident, checkpointing", "GRPO", warmup=True)
+        measure("encoders resident, checkpointing", "VGPO")
+    backend.free_text_encoders()
+    log["resident_after_offload_gib"] = gib(torch.cuda.memory_allocated)
+    measure("small-gpu preset", "GRPO", warmup=args.skip_resident)
+    measure("small-gpu preset", "VGPO")
+    measure("small-gpu preset, no checkpointing", "VGPO", gradient_checkpointing=False)
+    import rewards
+
+    for threads in (0, 4):  # rollouts alone; OCR engines made and warmed before timing
+        ocr = rewards.load_reward("ocr", threads=threads)
+        ocr(backend.decode(backend.noise(2, torch.Generator())), ['"a"'] * 2)
+        for method, workers in (("GRPO", 4), ("VGPO", 4), ("VGPO", 0)):
+            label = f"small-gpu preset, OCR ({threads or os.cpu_count()} threads/call), {workers} workers"
+            measure(
+                label, method, repeats=0, reward="ocr", reward_workers=workers, reward_threads=threads, reward_fn=ocr
+            )
+    latents = backend.noise(16, torch.Generator().manual_seed(0))
+    for size in (16, 8, 4):  # the VAE decode's own peak, above what is resident
+        backend.config = dataclasses.replace(base, decode_batch=size)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        before, t0 = gib(torch.cuda.memory_allocated), time.perf_counter()
+        backend.decode(latents)
+        if cuda:
+            torch.cuda.synchronize()
+        log[f"decode16_batch{size}_peak_gib"] = gib(torch.cuda.max_memory_allocated) - before
+        log[f"decode16_batch{size}_s"] = time.perf_counter() - t0
+    print(json.dumps(log), flush=True)
+    log["ocr_images_per_s"] = ocr_throughput([1, 4, os.cpu_count() or 1], size=512)
+    print(json.dumps(log), flush=True)
+    with open(os.path.join(args.out, "gpu_check_log.json"), "w") as f:
+        json.dump(log, f, indent=1)
+
+
+GPU_FIELDS = ("gradient_checkpointing", "decode_batch", "reward", "reward_workers", "reward_threads")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["methods", "sweep", "diagnostics", "reward_cost", "benchmark"])
+    parser.add_argument(
+        "what", choices=["methods", "sweep", "diagnostics", "reward_cost", "benchmark", "overlap", "gpu_check"]
+    )
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=vgpo.PRESETS["toy"]["iterations"])
     parser.add_argument("--workers", type=int, default=2)
@@ -352,10 +544,20 @@ def main(argv=None):
     parser.add_argument("--preset", default="", help="benchmark: a vgpo.PRESETS entry, e.g. small-gpu")
     parser.add_argument("--resolution", type=int, default=32, help="benchmark: image side")
     parser.add_argument("--repeats", type=int, default=3, help="benchmark: timed iterations")
+    parser.add_argument("--decode_batch", type=int, default=None, help="gpu_check: images per VAE decode call")
+    parser.add_argument("--skip_resident", action="store_true", help="gpu_check: offloaded text encoders only")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    commands = dict(methods=methods, sweep=sweep, diagnostics=diagnostics, reward_cost=reward_cost, benchmark=benchmark)
+    commands = dict(
+        methods=methods,
+        sweep=sweep,
+        diagnostics=diagnostics,
+        reward_cost=reward_cost,
+        benchmark=benchmark,
+        overlap=overlap,
+        gpu_check=gpu_check,
+    )
     commands[args.what](args)
 
 

@@ -1,7 +1,11 @@
 """Image rewards behind one contract.
 
-    fn = load_reward(spec, device="cpu")
+    fn = load_reward(spec, device="cpu", threads=0)
     fn(images, prompts) -> (B,) float32 tensor on the images' device
+
+A reward function may be called from several threads at once (vgpo scores each sampling step's
+instant rewards in a thread pool while the sampler runs on): every reward here is thread-safe.
+`threads` is how many CPU threads one call of a CPU reward may use (0: one per core).
 
 `images` is a float tensor (B, 3, H, W) in [0, 1]; `prompts` a list of B strings. `spec` is a
 name from REWARDS or a weighted mix "ocr:1.0,pickscore:0.5" (the weighted SUM of the parts).
@@ -13,7 +17,9 @@ happen inside each factory, so listing or mixing rewards costs nothing until one
 from __future__ import annotations
 
 import io
+import math
 import re
+import threading
 
 import torch
 import torch.nn as nn
@@ -66,12 +72,12 @@ def jpeg_bits_per_pixel(images, quality: int = 95) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.float32, device=images.device)
 
 
-def jpeg_incompressibility(device="cpu"):
+def jpeg_incompressibility(device="cpu", threads=0):
     """Range [0, ~1]: JPEG size over raw 24-bit RGB size. DDPO uses kB; this is the same order."""
     return lambda images, prompts: jpeg_bits_per_pixel(images) / 24
 
 
-def jpeg_compressibility(device="cpu"):
+def jpeg_compressibility(device="cpu", threads=0):
     """Range [~0, 1]: 1 - JPEG size over raw 24-bit RGB size (DDPO's -kB, shifted and scaled)."""
     return lambda images, prompts: 1 - jpeg_bits_per_pixel(images) / 24
 
@@ -82,8 +88,12 @@ def jpeg_compressibility(device="cpu"):
 
 
 def target_text(prompt: str) -> str:
-    """The quoted part of an OCR prompt: the first "double-quoted", else 'single-quoted' text."""
-    match = re.search(r'"([^"]+)"', prompt) or re.search(r"'([^']+)'", prompt)
+    """The quoted part of an OCR prompt: the first "double-quoted", else 'single-quoted' text.
+
+    A single quote counts only as a quotation mark (not after a letter when it opens, not before one
+    when it closes), so apostrophes are not read as quotes: it's a sign that says 'OK' -> OK.
+    """
+    match = re.search(r'"([^"]+)"', prompt) or re.search(r"(?<!\w)'(.+?)'(?!\w)", prompt)
     if match is None:
         raise ValueError(f"OCR reward: prompt {prompt!r} has no quoted target text, e.g. 'a sign that says \"WORD\"'")
     return match.group(1)
@@ -100,28 +110,41 @@ def edit_distance(a: str, b: str) -> int:
 
 
 def ocr_score(recognised: str, target: str) -> float:
-    """max(0, 1 - edit_distance / len(target)), case- and space-insensitive (Flow-GRPO)."""
+    """Flow-GRPO's OCR score, case- and space-insensitive: 1 when the target occurs anywhere in the
+    recognised text, else 1 - min(edit_distance, len(target)) / len(target)."""
     norm = lambda s: s.lower().replace(" ", "")
     recognised, target = norm(recognised), norm(target)
-    return max(0.0, 1 - edit_distance(recognised, target) / max(len(target), 1))
+    distance = 0 if target in recognised else min(edit_distance(recognised, target), len(target))
+    return 1 - distance / max(len(target), 1)
 
 
-def ocr(device="cpu"):
-    """Range [0, 1]. Deterministic. rapidocr has no batch entry point: one engine call per image
-    inside one reward call (its recogniser batches the text boxes of an image)."""
+def ocr(device="cpu", threads=0):
+    """Range [0, 1]. Deterministic. rapidocr has no batch entry point: the images of one call are
+    read in parallel by `threads` threads (0: one per CPU core), each with its own single-threaded
+    engine (onnxruntime releases the GIL); with 1 thread, one engine reads them in turn."""
+    import os
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     from rapidocr_onnxruntime import RapidOCR
 
-    # Detector input as PaddleOCR's default (used by Flow-GRPO): longest side capped at 960, never
-    # upscaled. rapidocr's own default upscales the shorter side to 736: 1.7x slower at 512 px.
-    engine = RapidOCR(det_limit_type="max", det_limit_side_len=960)
+    threads = threads or os.cpu_count() or 1
+    local = threading.local()
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="ocr") if threads > 1 else None
+
+    def read(arr, target):
+        if not hasattr(local, "engine"):  # one engine per thread: an engine is not safe to share
+            # Detector input as PaddleOCR's default (used by Flow-GRPO): longest side capped at 960,
+            # never upscaled (rapidocr's own default upscales the shorter side to 736: 1.7x slower).
+            one = dict(intra_op_num_threads=1) if pool else {}
+            local.engine = RapidOCR(det_limit_type="max", det_limit_side_len=960, **one)
+        result, _ = local.engine(arr[:, :, ::-1].copy(), use_cls=False)  # rapidocr reads BGR
+        return ocr_score("".join(line[1] for line in result or []), target)
 
     def reward_fn(images, prompts):
         targets = [target_text(p) for p in prompts]  # validate every prompt before any OCR
-        scores = []
-        for arr, target in zip(to_uint8(images), targets, strict=True):
-            result, _ = engine(arr[:, :, ::-1].copy(), use_cls=False)  # rapidocr reads BGR
-            text = "".join(line[1] for line in result or [])
-            scores.append(ocr_score(text, target))
+        arrays = to_uint8(images)
+        scores = list(pool.map(read, arrays, targets) if pool else map(read, arrays, targets))
         return torch.tensor(scores, dtype=torch.float32, device=images.device)
 
     return reward_fn
@@ -161,9 +184,14 @@ class ClipScorer(nn.Module):
         super().__init__()
         self.model, self.tokenizer, self.head = model.eval().requires_grad_(False), tokenizer, head
         self.size, self.mean, self.std = size, mean, std
+        self.lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
 
     @torch.no_grad()
     def forward(self, images, prompts):
+        with self.lock:
+            return self._score(images, prompts)
+
+    def _score(self, images, prompts):
         device = next(self.model.parameters()).device
         pixels = clip_preprocess(images.to(device), self.size, self.mean, self.std)  # (B, 3, S, S)
         image = F.normalize(_projected(self.model.get_image_features(pixel_values=pixels)), dim=-1)  # (B, E)
@@ -200,14 +228,14 @@ def clipscore_head(scorer, image, text):
     return 2.5 * (image * text).sum(-1).clamp_min(0)
 
 
-def pickscore(device="cpu"):
+def pickscore(device="cpu", threads=0):
     """PickScore_v1 (CLIP-H, 3.9 GB download); range about [0.7, 1] after the 1/26 scaling."""
     return load_clip_scorer(
         "yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", device, pickscore_head
     )
 
 
-def clipscore(device="cpu"):
+def clipscore(device="cpu", threads=0):
     """CLIP ViT-L/14 (1.7 GB download) CLIPScore; see clipscore_head for the range."""
     return load_clip_scorer("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14", device, clipscore_head)
 
@@ -232,7 +260,9 @@ class AestheticMLP(nn.Module):
         return self.layers(embedding).squeeze(-1)  # (B,)
 
 
-def aesthetic(device="cpu", repo="camenduru/improved-aesthetic-predictor", filename="sac+logos+ava1-l14-linearMSE.pth"):
+def aesthetic(
+    device="cpu", threads=0, repo="camenduru/improved-aesthetic-predictor", filename="sac+logos+ava1-l14-linearMSE.pth"
+):
     """LAION aesthetic v2: a 1-10 score divided by 10, range about [0.3, 0.8]. CLIP-L + 3.7 MB head."""
     from huggingface_hub import hf_hub_download
 
@@ -266,19 +296,25 @@ def parse_spec(spec: str) -> list[tuple[str, float]]:
     """'ocr' -> [('ocr', 1.0)]; 'ocr:1.0,pickscore:0.5' -> [('ocr', 1.0), ('pickscore', 0.5)]."""
     parts = []
     for item in spec.split(","):
-        name, _, weight = item.strip().partition(":")
+        name, colon, weight = (part.strip() for part in item.partition(":"))
         if name not in REWARDS:
             raise ValueError(f"unknown reward {name!r} in {spec!r}; choose from {sorted(REWARDS)}")
+        if colon and not weight:
+            raise ValueError(f"reward {name!r} in {spec!r} has an empty weight after ':'")
         try:
-            parts.append((name, float(weight) if weight else 1.0))
+            value = float(weight) if colon else 1.0
         except ValueError:
             raise ValueError(f"reward weight {weight!r} of {name!r} in {spec!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"reward weight {weight!r} of {name!r} in {spec!r} is not finite")
+        parts.append((name, value))
     return parts
 
 
-def load_reward(spec: str, device="cpu"):
-    """A reward function for `spec`: sum_i weight_i * reward_i(images, prompts), checked inputs."""
-    parts = [(REWARDS[name](device), weight) for name, weight in parse_spec(spec)]
+def load_reward(spec: str, device="cpu", threads: int = 0):
+    """A reward function for `spec`: sum_i weight_i * reward_i(images, prompts), checked inputs.
+    threads: CPU threads of one call of a CPU reward (OCR); 0: one per core."""
+    parts = [(REWARDS[name](device, threads), weight) for name, weight in parse_spec(spec)]
 
     def reward_fn(images, prompts):
         check_inputs(images, prompts)

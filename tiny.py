@@ -203,3 +203,9 @@ def sd3_pipeline_from_configs(spec: dict, resolution: int, seed: int = 0, device
 def tiny_sd3_pipeline(resolution: int = 32, seed: int = 0):
     """The tiny random SD3 pipeline of the tests and `--model tiny` (VAE downsamples 2x)."""
     return sd3_pipeline_from_configs(TINY_SD3, resolution, seed)
+
+
+def max_resolution(spec: dict) -> int:
+    """The largest image side the transformer's position embedding covers for a pipeline `spec`."""
+    t = spec["transformer"]
+    return t["pos_embed_max_size"] * t["patch_size"] * 2 ** (len(spec["vae"]["block_out_channels"]) - 1)

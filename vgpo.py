@@ -14,12 +14,15 @@ Shape legend: N prompts per iteration, G samples per prompt (a group), B = N*G, 
 steps, D latent dims (C,H,W for SD3.5; 2 for the toy). Tensors with a group axis are (N, G, ...).
 
 Step index: the paper counts t = T..1 downward; this file counts k = 0..T-1 in sampling order,
-k = T - t. Step k moves x_k at sigma_k to x_{k+1} at sigma_{k+1}; sigma_0 = 1, sigma_T = 0.
+k = T - t. Step k moves the state x_k at sigma_k to x_{k+1} at sigma_{k+1}; sigma_0 = 1 (noise),
+sigma_T = 0. Names: `x0` / `x0hat` always mean data (sigma = 0, the flow's x0); the sampler's
+states are "x_k at sigma_k", and the first of them (pure noise) is never called x0.
 
 Decisions where the paper is silent (each is a Config field; see README "Decisions"):
   1. gamma (discount of Eq. 10) = 0.9.                                          Config.gamma
-  2. Eq. 11 weights fall back to 1 for a trajectory whose mean value is <= eps,
-     with a warning (the paper assumes non-negative rewards).                   Config.eps
+  2. Eq. 11 weights fall back to 1 for a trajectory whose mean value is <= eps or
+     that has a negative value, with a warning (the paper assumes non-negative
+     rewards); so every weight lies in [0, T].                                  Config.eps
   3. Eq. 13 is reconstructed: alpha = kappa * std (App. B) simplifies the anchor to kappa*Q,
      which survives std = 0; the anchor is Q divided by its discount-weight sum, so it lives
      on the reward's scale. kappa = 1.0 (provisional).                          Config.kappa
@@ -29,14 +32,18 @@ Decisions where the paper is silent (each is a Config field; see README "Decisio
      of TCRM (weights only, values only).                                       Config.weighting
   7. A deterministic step (noise level 0) has no density; its log-prob is reported as 0.
   8. KL to the reference follows Flow-GRPO (no |dt| in the denominator).        Config.beta
+     With beta = 0 no reference forward runs and kl_ref is logged as NaN.
   9. The reference policy is the LoRA adapter disabled; training recomputes the guided
-     velocity with the unconditional branch detached (Flow-GRPO).               Config.cfg_detach_uncond
- 10. The sigma schedule is diffusers' FlowMatchEulerDiscreteScheduler's.        Config.shift
+     velocity with the unconditional branch detached (Flow-GRPO).   Config.train_cfg, cfg_detach_uncond
+ 10. The sigma schedule is diffusers' FlowMatchEulerDiscreteScheduler's, built from the
+     loaded pipeline's scheduler config with the configured shift.             Config.shift
+ 11. Each batch draws distinct prompts while the prompt set has enough (Flow-GRPO's sampler).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import math
@@ -55,8 +62,11 @@ from tqdm.auto import tqdm
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(init=False)
 class Config:
+    """Config(model=X, **fields): the paper's defaults below, then PRESETS[X] when the model has a
+    preset (toy, tiny), then the caller's fields; `python vgpo.py --model X --field v` builds the same."""
+
     # run
     model: str = "toy"  # toy | tiny | random-sd3.5-medium (random weights, offline) | hub id | local directory
     reward: str = ""  # toy_mode|toy_region (toy), or a rewards.py spec "ocr:1,pickscore:0.5"; "": toy_mode|ocr
@@ -71,6 +81,8 @@ class Config:
     shift: float = 3.0  # sigma-schedule shift (SD3.5 scheduler: 3)
     # TCRM (Eqs. 9-11)
     dense_values: bool = True  # TCRM values Q_k from one-step projections; False: Q_k = R_T
+    reward_workers: int = 4  # threads scoring instant rewards while the sampler runs on; 0: score inline
+    reward_threads: int = 0  # threads inside one OCR reward call (an engine each); 0: cores / reward_workers
     gamma: float = 0.9  # gamma, discount of Eq. 10 (decision 1: not in the paper)
     weighting: str = "auto"  # Eq. 11 weights w_k: auto (= dense_values) | on | off (decision 6)
     # ADAE (Eqs. 12-13)
@@ -91,8 +103,10 @@ class Config:
     lora_alpha: int = 64  # LoRA alpha (Flow-GRPO)
     # SD3.5 backend
     resolution: int = 512  # image side in pixels (Flow-GRPO)
-    guidance_scale: float = 4.5  # classifier-free guidance, in rollout and training (Flow-GRPO)
-    cfg_detach_uncond: bool = True  # training: unconditional branch detached (Flow-GRPO train.cfg)
+    guidance_scale: float = 4.5  # classifier-free guidance, in rollout and training (Flow-GRPO); 1: none
+    train_cfg: bool = True  # training recomputes the guided velocity (Flow-GRPO train.cfg); off: cond only
+    cfg_detach_uncond: bool = True  # training CFG: unconditional branch detached (Flow-GRPO)
+    decode_batch: int = 0  # images per VAE decode call (bounds the decode's memory peak); 0: the whole batch
     prompt_file: str = ""  # one prompt per line; empty: built-in OCR prompts
     max_sequence_length: int = 128  # T5 tokens
     gradient_checkpointing: bool = False  # trade compute for activation memory
@@ -109,6 +123,16 @@ class Config:
     toy_modes: int = 4  # modes of each condition's target mixture
     toy_spread: float = 0.15  # std of each mode of the toy's base distribution
     toy_pretrain_steps: int = 1500  # flow-matching steps of the base toy model
+
+    def __init__(self, **fields):
+        names = [f.name for f in dataclasses.fields(Config)]
+        unknown = sorted(set(fields) - set(names))
+        if unknown:
+            raise TypeError(f"Config got unknown fields {unknown}; see `python vgpo.py --help`")
+        merged = {**PRESETS.get(fields.get("model", Config.model), {}), **fields}
+        for f in dataclasses.fields(Config):
+            setattr(self, f.name, merged.get(f.name, f.default))
+        self.__post_init__()
 
     def __post_init__(self):
         if not self.reward:
@@ -161,13 +185,14 @@ PRESETS = {
         resolution=512,
         gradient_checkpointing=True,
         offload_text_encoders=True,
+        decode_batch=4,  # a float32 decode of 16 images at 512 px peaks at 16 GiB; 4 at a time: 4 GiB
     ),
 }
 
 
 def toy_config(**overrides) -> Config:
     """The CPU toy's configuration: paper defaults, PRESETS['toy'], then `overrides`."""
-    return Config(**{**PRESETS["toy"], **overrides})
+    return Config(model="toy", **overrides)
 
 
 def validate_config(c: Config) -> None:
@@ -202,6 +227,14 @@ def validate_config(c: Config) -> None:
     )
     need(c.lora_rank >= 1, "lora_rank", "must be >= 1")
     need(c.resolution >= 16 and c.resolution % 16 == 0, "resolution", "must be a multiple of 16")
+    if c.model == "tiny":
+        import tiny
+
+        top = tiny.max_resolution(tiny.TINY_SD3)
+        need(c.resolution <= top, "resolution", f"the tiny model's position embedding covers at most {top} px")
+    need(c.reward_workers >= 0, "reward_workers", "must be >= 0 (0: score inline)")
+    need(c.reward_threads >= 0, "reward_threads", "must be >= 0 (0: one per CPU core)")
+    need(c.decode_batch >= 0, "decode_batch", "must be >= 0 (0: the whole batch in one call)")
     need(c.eval_every >= 0, "eval_every", "must be >= 0")
     need(c.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: only on a signal and at the end)")
     need(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", c.device) is not None, "device", "auto, cpu, cuda, cuda:N or mps")
@@ -258,11 +291,16 @@ def sde_step_with_logprob(v, x, sigma, sigma_next, noise_level, x_next=None, gen
     Paper <-> code: v_theta <-> v, x_t <-> x, sigma_t <-> sigma, a <-> noise_level.
     At sigma == 1 the denominator uses sigma_next (= sig_1 on the first step, as Flow-GRPO).
     With x_next given, that action is scored instead of sampled. Float32 throughout.
+    noise_level = 0 is the Euler step x + v dt: no noise is drawn and the log-prob is 0 (decision 7).
     Returns x_next (B, D...), log_prob (B,), mean (B, D...), std_k (B, 1...).
     """
     x, v = x.float(), v.float()
     sig, sig_next = _per_sample(sigma, x), _per_sample(sigma_next, x)  # (B|1, 1...)
     dt = sig_next - sig  # (B|1, 1...), < 0
+    if noise_level == 0:  # the ODE: nothing random, no density
+        mean = x + v * dt  # (B, D...)
+        zero = torch.zeros(x.shape[0], device=x.device)  # (B,)
+        return (mean if x_next is None else x_next.float()), zero, mean, zero.reshape(-1, *sig.shape[1:])
     denom = 1 - torch.where(sig == 1, sig_next, sig)
     std = noise_level * torch.sqrt(sig / denom)  # (B|1, 1...)
     mean = x * (1 + std**2 / (2 * sig) * dt) + v * (1 + std**2 * (1 - sig) / (2 * sig)) * dt
@@ -309,14 +347,16 @@ def cumulative_values(rewards, gamma):
 def timestep_weights(values, eps=1e-4):
     """Eq. 11: w_k = Q_k / mean_j Q_j over the T steps of the same trajectory.
 
-    Decision 2: where mean_j Q_j <= eps (the paper assumes non-negative rewards) the weights
-    fall back to 1, with a warning. (..., T) -> (..., T), each row averaging 1.
+    Decision 2: the paper assumes non-negative rewards. A trajectory whose mean value is <= eps,
+    or that has a negative value, gets weights 1 instead, with a warning: a negative weight would
+    flip that step's advantage, and a mean near 0 would make the weights huge. Otherwise every
+    value is >= 0, so each weight lies in [0, T]. (..., T) -> (..., T), each row averaging 1.
     """
     mean = values.float().mean(dim=-1, keepdim=True)  # (..., 1)
-    bad = mean <= eps  # (..., 1)
+    bad = (mean <= eps) | (values < 0).any(dim=-1, keepdim=True)  # (..., 1)
     if bad.any():
         warnings.warn(  # constant text: Python's default filter shows it once per place
-            "timestep_weights: a trajectory's mean value is <= eps (zero or negative rewards); "
+            "timestep_weights: a trajectory has a negative value or a mean value <= eps; "
             "its weights fall back to 1 (decision 2). Rewards should lie in roughly [0, 1].",
             stacklevel=2,
         )
@@ -350,10 +390,9 @@ def anchor_advantage(values, kappa, anchor_steps, gamma):
     its T-k discount weights puts it on the reward's scale. (N, G, T) -> (N, G, T).
     """
     T = values.shape[-1]
-    k = torch.arange(T, device=values.device)
-    remaining = (T - k).float()  # (T,), steps still to come including k
-    disc_sum = remaining if gamma == 1 else (1 - gamma**remaining) / (1 - gamma)  # (T,)
-    on = (k < anchor_steps).float()  # (T,)
+    powers = gamma ** torch.arange(T, dtype=torch.float64)  # (T,), gamma^j, float64
+    disc_sum = powers.cumsum(0).flip(0).float().to(values.device)  # (T,), sum_{j < T-k} gamma^j
+    on = (torch.arange(T, device=values.device) < anchor_steps).float()  # (T,)
     return kappa * on * values.float() / disc_sum  # (N, G, T)
 
 
@@ -408,28 +447,46 @@ def kl_to_reference(mean, ref_mean, std):
     """KL term of Eq. 8 (Flow-GRPO convention): mean_dims (mean - mean_ref)^2 / (2 std_k^2).
 
     The exact Gaussian KL is this divided by |dt|; beta is tuned to this form (decision 8).
-    mean, ref_mean (B, D...), std (B, 1...) -> (B,).
+    mean, ref_mean (B, D...), std (B, 1...) or a float -> (B,).
     """
-    sq = (mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)  # (B, D...)
+    std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+    sq = (mean.float() - ref_mean.float()) ** 2 / (2 * std**2)  # (B, D...)
     return sq.mean(dim=tuple(range(1, sq.ndim)))  # (B,)
 
 
 # ------------------------------------------------------------------------------------------------
 # Models. The trainer sees a model only through this interface (a "backend"):
-#   sigmas(T) -> (T+1,)            prompts(n, generator) -> list        encode(prompts) -> cond
-#   noise(B, generator) -> x_0     velocity(x, sigma, cond) -> v        decode(x0) -> reward input
+#   sigmas(T) -> (T+1,)      prompts(n, generator) -> list      encode(prompts) -> cond
+#   noise(B, generator) -> the state at sigma_0 = 1      decode(x0) -> reward input (x0: data)
+#   velocity(x, sigma, cond, train=False) -> v (train: the policy's training forward)
 #   reference() -> context where the LoRA adapter is off    parameters() -> trainable tensors
 # cond is a dict of tensors with the batch first, so minibatches index it.
 # ------------------------------------------------------------------------------------------------
 
 
-def sigma_schedule(num_steps: int, shift: float) -> torch.Tensor:
-    """sig_0 = 1 > ... > sig_T = 0, exactly as diffusers' FlowMatchEulerDiscreteScheduler (SD3.5)."""
+def sigma_schedule(num_steps: int, shift: float, scheduler_config=None) -> torch.Tensor:
+    """sig_0 = 1 > ... > sig_T = 0, exactly as diffusers' FlowMatchEulerDiscreteScheduler (SD3.5).
+
+    scheduler_config: a loaded pipeline's `scheduler.config` (its other settings are kept, its
+    shift replaced by `shift`); None: the scheduler's defaults (decision 10).
+    """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    if scheduler_config is None:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config, shift=shift)
+    if scheduler.config.get("use_dynamic_shifting"):
+        raise ValueError("the pipeline's scheduler uses dynamic shifting (resolution-dependent); vgpo expects SD3's")
     scheduler.set_timesteps(num_steps)
     return scheduler.sigmas.float().cpu()  # (T+1,)
+
+
+def draw_prompts(pool: list, n: int, generator) -> list:
+    """n prompts from `pool`, distinct while the pool has enough (Flow-GRPO's sampler, decision 11):
+    whole random permutations of the pool, concatenated, cut to n."""
+    order = torch.cat([torch.randperm(len(pool), generator=generator) for _ in range(math.ceil(n / len(pool)))])
+    return [pool[i] for i in order[:n]]
 
 
 def add_lora(module: nn.Module, rank: int, alpha: int, targets: list[str], seed: int):
@@ -554,7 +611,7 @@ class ToyBackend:
         return sigma_schedule(num_steps, self.config.shift)
 
     def prompts(self, n, generator):
-        return torch.randint(self.config.toy_conditions, (n,), generator=generator).tolist()
+        return draw_prompts(list(range(self.config.toy_conditions)), n, generator)
 
     def eval_prompts(self, n):
         return [i % self.config.toy_conditions for i in range(n)]
@@ -565,7 +622,7 @@ class ToyBackend:
     def noise(self, batch, generator):
         return _randn((batch, 2), generator, self.device)  # (B, 2)
 
-    def velocity(self, x, sigma, cond):
+    def velocity(self, x, sigma, cond, train=False):
         sigma = torch.as_tensor(sigma, dtype=torch.float32).expand(x.shape[0])  # (B,)
         return self.model(x, sigma, cond["c"])  # (B, 2)
 
@@ -584,7 +641,18 @@ class ToyBackend:
 
 # --- SD3.5: diffusers pipeline, peft LoRA on the transformer, guided velocity -------------------
 
-SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# Flow-GRPO's targets. The "attn." prefix matters: the bare names also match the second attention
+# (attn2) of SD3.5-Medium's dual-attention blocks (243 modules instead of Flow-GRPO's 191).
+SD3_LORA_TARGETS = [
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+]
 OCR_WORDS = (
     "hello world open close coffee bakery garden river summer winter north south market library museum "
     "station harbor sunset forest music dance pizza books repair studio"
@@ -596,6 +664,14 @@ OCR_TEMPLATES = ['a sign that says "{}"', 'a storefront with the word "{}" paint
 def ocr_prompts(words) -> list[str]:
     """Built-in OCR prompts, `a sign that says "WORD"` style; rewards.ocr reads the quoted word."""
     return [template.format(word.upper()) for word in words for template in OCR_TEMPLATES]
+
+
+def check_resolution(pipe, resolution: int) -> None:
+    """Raise a ValueError naming the fix when the transformer's position embedding is too small."""
+    cfg = pipe.transformer.config
+    top = cfg.pos_embed_max_size * cfg.patch_size * pipe.vae_scale_factor if cfg.pos_embed_max_size else None
+    if top and resolution > top:
+        raise ValueError(f"Config.resolution={resolution} is too large for this model: at most {top} px")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -624,6 +700,19 @@ def load_sd3_pipeline(model: str, resolution: int, dtype, device="cpu"):
         ) from err
 
 
+def reward_threads(config: Config) -> int:
+    """Threads of one CPU reward call: reward_threads, else the cores shared by the reward workers
+    (measured on 16 cores: 4 workers x 4 threads beat 4 x 16, which oversubscribes)."""
+    import os
+
+    return config.reward_threads or max(1, (os.cpu_count() or 1) // max(1, config.reward_workers))
+
+
+def model_dtype(device: torch.device) -> torch.dtype:
+    """The frozen transformer's and text encoders' dtype: bf16 on GPU, float32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 class SD3Backend:
     """SD3(.5) behind the backend interface: frozen VAE and text encoders, LoRA on the transformer.
 
@@ -636,10 +725,12 @@ class SD3Backend:
         self.device = torch.device(
             config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
         )
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = model_dtype(self.device)
         pipe = load_sd3_pipeline(config.model, config.resolution, self.dtype, self.device)
-        for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer):
+        check_resolution(pipe, config.resolution)
+        for part in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer):
             part.requires_grad_(False).eval().to(self.device, self.dtype)  # eval: no dropout anywhere
+        pipe.vae.requires_grad_(False).eval().to(self.device, torch.float32)  # the reward's pixels: float32
         if config.gradient_checkpointing:
             pipe.transformer.enable_gradient_checkpointing()
         self.model = add_lora(
@@ -652,22 +743,26 @@ class SD3Backend:
             self.train_prompts = self.held_out = read_prompts(config.prompt_file)
         else:
             self.train_prompts, self.held_out = ocr_prompts(OCR_WORDS), ocr_prompts(OCR_EVAL_WORDS)
-        if config.offload_text_encoders:  # encode every prompt now, then free the encoders' memory
-            self.encode(self.train_prompts + self.held_out)
-            pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        if config.offload_text_encoders:
+            self.free_text_encoders()
+
+    def free_text_encoders(self):
+        """Encode every training and evaluation prompt now, then free the text encoders' memory."""
+        self.encode(self.train_prompts + self.held_out)
+        self.pipe.text_encoder = self.pipe.text_encoder_2 = self.pipe.text_encoder_3 = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def default_reward(self):
         import rewards
 
-        return rewards.load_reward(self.config.reward, self.device)
+        return rewards.load_reward(self.config.reward, self.device, reward_threads(self.config))
 
     def sigmas(self, num_steps):
-        return sigma_schedule(num_steps, self.config.shift)
+        return sigma_schedule(num_steps, self.config.shift, self.pipe.scheduler.config)
 
     def prompts(self, n, generator):
-        return [self.train_prompts[i] for i in torch.randint(len(self.train_prompts), (n,), generator=generator)]
+        return draw_prompts(self.train_prompts, n, generator)
 
     def eval_prompts(self, n):
         return [self.held_out[i % len(self.held_out)] for i in range(n)]
@@ -697,27 +792,38 @@ class SD3Backend:
         shape = (batch, self.pipe.transformer.config.in_channels, side, side)
         return _randn(shape, generator, self.device)  # (B, C, H, W)
 
-    def velocity(self, x, sigma, cond):
-        """Guided velocity, float32: v_u + g (v_c - v_u), both branches in one batched forward."""
-        t = (torch.as_tensor(sigma, dtype=torch.float32, device=self.device) * 1000).expand(2 * x.shape[0])  # (2B,)
+    def velocity(self, x, sigma, cond, train=False):
+        """Guided velocity, float32: v_u + g (v_c - v_u), both branches in one batched forward.
+
+        The conditional branch alone at guidance 1, and in training when train_cfg is off
+        (Flow-GRPO's train.cfg = False). Training detaches v_u when cfg_detach_uncond.
+        """
+        c = self.config
+        guided = c.guidance_scale != 1 and (c.train_cfg or not train)
+        names = [("neg_embeds", "neg_pooled"), ("embeds", "pooled")] if guided else [("embeds", "pooled")]
+        t = torch.as_tensor(sigma, dtype=torch.float32, device=self.device) * 1000
         out = self.model(
-            hidden_states=torch.cat([x, x]).to(self.dtype),  # (2B, C, H, W)
-            timestep=t,
-            encoder_hidden_states=torch.cat([cond["neg_embeds"], cond["embeds"]]),  # (2B, L, E)
-            pooled_projections=torch.cat([cond["neg_pooled"], cond["pooled"]]),  # (2B, E')
+            hidden_states=torch.cat([x] * len(names)).to(self.dtype),  # (2B|B, C, H, W)
+            timestep=t.expand(len(names) * x.shape[0]),  # (2B|B,)
+            encoder_hidden_states=torch.cat([cond[e] for e, _ in names]),  # (2B|B, L, E)
+            pooled_projections=torch.cat([cond[p] for _, p in names]),  # (2B|B, E')
             return_dict=False,
-        )[0].float()  # (2B, C, H, W)
+        )[0].float()  # (2B|B, C, H, W)
+        if not guided:
+            return out  # (B, C, H, W)
         v_uncond, v_cond = out.chunk(2)  # (B, C, H, W) each
-        if self.config.cfg_detach_uncond and torch.is_grad_enabled():
+        if train and c.cfg_detach_uncond:
             v_uncond = v_uncond.detach()
-        return v_uncond + self.config.guidance_scale * (v_cond - v_uncond)  # (B, C, H, W)
+        return v_uncond + c.guidance_scale * (v_cond - v_uncond)  # (B, C, H, W)
 
     @torch.no_grad()
     def decode(self, x0):
-        """Latents -> images (B, 3, H, W) in [0, 1], float32: one VAE call for the batch."""
-        vae = self.pipe.vae
-        latents = x0 / vae.config.scaling_factor + vae.config.shift_factor  # (B, C, h, w)
-        return (vae.decode(latents.to(self.dtype), return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+        """Latents of data x0 -> images (B, 3, H, W) in [0, 1]. The VAE runs in float32 (Flow-GRPO),
+        decode_batch images per call (0: all in one call)."""
+        vae, size = self.pipe.vae, self.config.decode_batch or len(x0)
+        latents = (x0.float() / vae.config.scaling_factor + vae.config.shift_factor).to(self.device)  # (B, C, h, w)
+        images = torch.cat([vae.decode(part, return_dict=False)[0] for part in latents.split(size)])  # (B, 3, H, W)
+        return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def reference(self):
         return self.model.disable_adapter()
@@ -770,35 +876,56 @@ def checked_reward(reward_fn, name: str):
 class Rollout:
     prompts: list  # B prompts, group-major: (n g)
     cond: dict  # conditioning tensors, batch first
-    latents: torch.Tensor  # (B, T+1, D...) x_0 .. x_T
+    latents: torch.Tensor  # (B, T+1, D...) the states at sigma_0 (noise) .. sigma_T (the samples)
     log_probs: torch.Tensor  # (B, T) log p(x_{k+1} | x_k) under the sampling policy
     rewards: torch.Tensor  # (B, T) instant rewards R_k (Eq. 9), or (B, 1) terminal only
 
 
+def reward_pool(workers: int):
+    """Boilerplate: a thread pool that scores rewards while the sampler runs on; with 0 workers a
+    stand-in that scores inline. Either way `submit(fn, *args)` returns a Future."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    class Inline(contextlib.AbstractContextManager):
+        def __exit__(self, *exc):
+            return None
+
+        def submit(self, fn, *args):
+            done = Future()
+            done.set_result(fn(*args))
+            return done
+
+    return ThreadPoolExecutor(workers, thread_name_prefix="reward") if workers else Inline()
+
+
 @torch.no_grad()
-def rollout(backend, prompts, sigmas, noise_level, reward_fn, generator, instant=True) -> Rollout:
+def rollout(backend, prompts, sigmas, noise_level, reward_fn, generator, instant=True, workers=0) -> Rollout:
     """Sample B trajectories with Eq. 7 and score each state's one-step projection (Eq. 9).
 
     The velocity that step k+1 needs is computed once and also projects x_{k+1} (TCRM costs
     no extra forward). Per step at most one decode and one reward call for the whole batch;
-    with instant=False only the final state is decoded and scored (Flow-GRPO's cost).
+    with instant=False only the final state is decoded and scored (Flow-GRPO's cost). With
+    workers > 0 a step's reward is scored in a thread while the sampler computes the next steps;
+    all are gathered, in step order, before returning.
     """
     cond = backend.encode(prompts)
     x = backend.noise(len(prompts), generator)  # (B, D...)
     T = len(sigmas) - 1
-    latents, log_probs, rewards = [x], [], []
+    latents, log_probs, pending = [x], [], []
     v = backend.velocity(x, sigmas[0], cond)  # (B, D...)
-    for k in range(T):
-        x, log_prob, _, _ = sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], noise_level, generator=generator)
-        last = k == T - 1
-        if not last:
-            v = backend.velocity(x, sigmas[k + 1], cond)  # (B, D...), reused by step k+1
-        if instant or last:
-            x0hat = x if last else project_x0(x, v, sigmas[k + 1])  # (B, D...), Eq. 9
-            rewards.append(reward_fn(backend.decode(x0hat), prompts))  # (B,)
-        latents.append(x)
-        log_probs.append(log_prob)
-    return Rollout(prompts, cond, torch.stack(latents, 1), torch.stack(log_probs, 1), torch.stack(rewards, 1))
+    with reward_pool(workers if instant else 0) as pool:
+        for k in range(T):
+            x, log_prob, _, _ = sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], noise_level, generator=generator)
+            last = k == T - 1
+            if not last:
+                v = backend.velocity(x, sigmas[k + 1], cond)  # (B, D...), reused by step k+1
+            if instant or last:
+                x0hat = x if last else project_x0(x, v, sigmas[k + 1])  # (B, D...), Eq. 9
+                pending.append(pool.submit(reward_fn, backend.decode(x0hat), prompts))  # (B,) when done
+            latents.append(x)
+            log_probs.append(log_prob)
+        rewards = torch.stack([p.result() for p in pending], 1)  # (B, T|1)
+    return Rollout(prompts, cond, torch.stack(latents, 1), torch.stack(log_probs, 1), rewards)
 
 
 @torch.no_grad()
@@ -860,13 +987,13 @@ def step_loss(backend, batch: Rollout, advantages, idx, k, sigmas, config: Confi
     """Loss of sampling step k on the samples idx: recompute log p of the stored action, Eq. 8 + KL."""
     cond = {name: t[idx] for name, t in batch.cond.items()}
     x, x_next = batch.latents[idx, k], batch.latents[idx, k + 1]  # (b, D...)
-    v = backend.velocity(x, sigmas[k], cond)  # (b, D...), with grad
+    v = backend.velocity(x, sigmas[k], cond, train=True)  # (b, D...), with grad
     _, log_prob, mean, std = sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], config.noise_level, x_next=x_next)
     loss, info = clipped_policy_loss(log_prob, batch.log_probs[idx, k], advantages[idx, k], config.clip_range)
-    kl = torch.zeros(len(idx), device=loss.device)  # (b,)
+    kl = torch.full((len(idx),), float("nan"), device=loss.device)  # (b,), not computed at beta = 0 (decision 8)
     if config.beta > 0:
         with torch.no_grad(), backend.reference():
-            v_ref = backend.velocity(x, sigmas[k], cond)  # (b, D...)
+            v_ref = backend.velocity(x, sigmas[k], cond, train=True)  # (b, D...)
             ref_mean = sde_step_with_logprob(v_ref, x, sigmas[k], sigmas[k + 1], config.noise_level, x_next=x_next)[2]
         kl = kl_to_reference(mean, ref_mean, std)  # (b,)
         loss = loss + config.beta * kl.mean()
@@ -886,7 +1013,7 @@ def policy_update(
     trained, local_size = int(config.num_steps * config.timestep_fraction), len(batch.prompts)
     perm = torch.randperm(total or local_size, generator=generator)
     sums, count, onpolicy_err = dict.fromkeys(("clipfrac", "approx_kl", "kl_ref", "loss"), 0.0), 0, 0.0
-    for j, mb in enumerate(perm.chunk(config.num_minibatches)):
+    for j, mb in enumerate(perm.tensor_split(config.num_minibatches)):  # exactly num_minibatches, sizes +-1
         local = mb[(mb >= offset) & (mb < offset + local_size)] - offset  # this rank's part of the minibatch
         optimizer.zero_grad(set_to_none=False)
         for k in range(trained if len(local) else 0):
@@ -1006,7 +1133,7 @@ def train_iteration(backend, reward_fn, optimizer, sigmas, config: Config, itera
     offset = rank * len(prompts)  # global index of this rank's first sample
     noise = [make_generator(config.seed, 3, iteration, offset + i) for i in range(len(prompts))]
     instant = config.dense_values or config.use_weights  # GRPO scores the final state only
-    batch = rollout(backend, prompts, sigmas, config.noise_level, reward_fn, noise, instant)
+    batch = rollout(backend, prompts, sigmas, config.noise_level, reward_fn, noise, instant, config.reward_workers)
     rewards = all_gather_rows(batch.rewards)  # (N*G, T|1), every rank's groups in order
     advantages, info = batch_advantages(rewards, config)  # (N*G, T)
     advantages = advantages[offset : offset + len(prompts)]  # (B_rank, T)
@@ -1127,7 +1254,9 @@ def setup(config: Config, reward_fn=None):
 def train(config: Config, reward_fn=None) -> list[dict]:
     """Train the configured model with VGPO (or GRPO); returns one metrics dict per iteration.
 
-    reward_fn(inputs, prompts) -> (B,) replaces the configured reward. The first record holds
+    reward_fn(inputs, prompts) -> (B,) replaces the configured reward. With reward_workers > 0 it is
+    called from worker threads, several calls at once: it must be thread-safe (the rewards of
+    rewards.py are). The first record holds
     `eval_reward_before`, and records of evaluated iterations (every eval_every, and the last)
     hold `eval_reward`: ODE samples on held-out noise and prompts. With output_dir, checkpoints
     are written every checkpoint_every iterations, on SIGINT/SIGTERM and at the end. Under
