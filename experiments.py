@@ -7,6 +7,7 @@
     python experiments.py benchmark   # one GRPO and one VGPO iteration on the tiny SD3 pipeline
     python experiments.py overlap     # rewards scored inline vs in worker threads; OCR throughput
     python experiments.py gpu_check   # memory and time of the small-GPU preset (needs a GPU)
+    python experiments.py curves DIR [DIR ...]  # training curves of runs, one PNG
 
 Each writes markdown (and a PNG for `methods`) into --out (default results/).
 """
@@ -529,11 +530,21 @@ def gpu_check(args) -> None:
 GPU_FIELDS = ("gradient_checkpointing", "decode_batch", "reward", "reward_workers", "reward_threads")
 
 
+def curves(args) -> None:
+    """Reward, eval reward, zero_std_ratio, |A| parts, KL to the reference and clipfrac of the
+    run directories given, in one PNG (--out/curves.png)."""
+    path = os.path.join(args.out, "curves.png")
+    vgpo.plot_curves(args.runs, path)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "what", choices=["methods", "sweep", "diagnostics", "reward_cost", "benchmark", "overlap", "gpu_check"]
+        "what",
+        choices=["methods", "sweep", "diagnostics", "reward_cost", "benchmark", "overlap", "gpu_check", "curves"],
     )
+    parser.add_argument("runs", nargs="*", help="curves: run directories (each with a metrics.jsonl)")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=vgpo.PRESETS["toy"]["iterations"])
     parser.add_argument("--workers", type=int, default=2)
@@ -557,6 +568,7 @@ def main(argv=None):
         benchmark=benchmark,
         overlap=overlap,
         gpu_check=gpu_check,
+        curves=curves,
     )
     commands[args.what](args)
 

@@ -120,8 +120,9 @@ def ocr_score(recognised: str, target: str) -> float:
 
 def ocr(device="cpu", threads=0):
     """Range [0, 1]. Deterministic. rapidocr has no batch entry point: the images of one call are
-    read in parallel by `threads` threads (0: one per CPU core), each with its own single-threaded
-    engine (onnxruntime releases the GIL); with 1 thread, one engine reads them in turn."""
+    read in parallel by a pool of `threads` threads (0: one per CPU core) owned by this reward,
+    each with its own engine (onnxruntime releases the GIL). The pool's threads live as long as
+    the reward, so engines are made once, whichever thread calls the reward."""
     import os
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -130,13 +131,13 @@ def ocr(device="cpu", threads=0):
 
     threads = threads or os.cpu_count() or 1
     local = threading.local()
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="ocr") if threads > 1 else None
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="ocr")
 
     def read(arr, target):
         if not hasattr(local, "engine"):  # one engine per thread: an engine is not safe to share
             # Detector input as PaddleOCR's default (used by Flow-GRPO): longest side capped at 960,
             # never upscaled (rapidocr's own default upscales the shorter side to 736: 1.7x slower).
-            one = dict(intra_op_num_threads=1) if pool else {}
+            one = dict(intra_op_num_threads=1) if threads > 1 else {}  # the threads share the cores
             local.engine = RapidOCR(det_limit_type="max", det_limit_side_len=960, **one)
         result, _ = local.engine(arr[:, :, ::-1].copy(), use_cls=False)  # rapidocr reads BGR
         return ocr_score("".join(line[1] for line in result or []), target)
@@ -144,7 +145,7 @@ def ocr(device="cpu", threads=0):
     def reward_fn(images, prompts):
         targets = [target_text(p) for p in prompts]  # validate every prompt before any OCR
         arrays = to_uint8(images)
-        scores = list(pool.map(read, arrays, targets) if pool else map(read, arrays, targets))
+        scores = list(pool.map(read, arrays, targets))
         return torch.tensor(scores, dtype=torch.float32, device=images.device)
 
     return reward_fn

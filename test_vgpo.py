@@ -491,7 +491,7 @@ def test_unloadable_model_error_names_it_and_the_offline_options():
 # ---------------------------------------------------------------------------- reliability
 
 
-RUN = ["--iterations", "16", "--checkpoint_every", "3", "--toy_pretrain_steps", "300", "--eval_samples", "64"]
+RUN = ["--iterations", "16", "--checkpoint_every", "3", "--toy_pretrain_steps", "300", "--eval_samples", "64", "--ema"]
 
 
 def _cli(args, kill_after=None, sig=signal.SIGKILL):
@@ -529,14 +529,19 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_run(tmp_path, sig, 
     assert _cli([*RUN, "--output_dir", cut], kill_after=3, sig=sig) != 0  # killed, or stopped after iteration >= 3
     saved = torch.load(os.path.join(cut, "checkpoint.pt"), weights_only=False)["iteration"]
     assert 3 <= saved < 16 and not os.path.exists(os.path.join(cut, "history.json"))
+    with open(os.path.join(cut, "metrics.jsonl")) as f:  # streamed while running: nothing lost at the kill
+        assert len(f.readlines()) >= saved
     assert _cli([*RUN, "--resume", cut]) == 0
-    assert _history(cut) == _history(full)
+    assert _history(cut) == _history(full)  # with --ema: the EMA weights resume exactly too
+    with open(os.path.join(cut, "metrics.jsonl")) as f:  # one line per iteration: none lost, none doubled
+        streamed = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in f]
+    assert streamed == _history(full)
 
 
 def test_resume_refuses_a_changed_config(tmp_path):
     config = vgpo.toy_config(iterations=1, toy_pretrain_steps=300, eval_samples=16, output_dir=str(tmp_path))
     vgpo.train(config)
-    with pytest.raises(ValueError, match="Config.kappa=0.5 differs from the checkpoint's 1.0"):
+    with pytest.raises(ValueError, match="Config.kappa=0.5 is invalid: differs from the checkpoint's 1.0"):
         vgpo.train(
             vgpo.toy_config(iterations=2, toy_pretrain_steps=300, eval_samples=16, kappa=0.5, resume=str(tmp_path))
         )
@@ -882,3 +887,114 @@ def test_reward_workers_give_the_inline_rewards_in_step_order_and_overlap():
         assert any(n.startswith("reward") for n in names) == (workers > 0)  # scored in worker threads
     assert torch.equal(batches[0].rewards, batches[6].rewards) and torch.equal(batches[0].latents, batches[6].latents)
     assert seconds[0] > 0.6 and seconds[6] < 0.5 * seconds[0], seconds  # 6 calls of 0.1 s overlap
+
+
+# ---------------------------------------------------------------------------- what a training run gives a practitioner
+
+
+def test_ema_reproduces_flow_grpos_schedule_on_a_concrete_sequence():
+    p = torch.nn.Parameter(torch.zeros(()))
+    ema = vgpo.EMA([p], decay=0.9, every=8)
+    expected = 0.0
+    for n in range(1, 41):  # optimizer step n sets the parameter to n
+        with torch.no_grad():
+            p.fill_(float(n))
+        ema.update([p])
+        if (n + 1) % 8 == 0:  # Flow-GRPO: update after steps 7, 15, 23, 31, 39
+            d = min((1 + n) / (10 + n), 0.9)
+            expected = d * expected + (1 - d) * n
+    torch.testing.assert_close(ema.shadow[0], torch.tensor(expected))
+    assert expected == pytest.approx(20.316, abs=1e-3)  # by hand: 3.706, 7.772, 11.925, 16.112, 20.316
+    with ema.applied([p]):
+        assert p.item() == pytest.approx(expected)
+    assert p.item() == 40.0  # the trained weights come back
+
+
+def test_metrics_stream_curves_and_summary(tmp_path, capsys):
+    runs = []
+    for method in ("grpo", "vgpo"):
+        run = tmp_path / method
+        config = vgpo.toy_config(
+            iterations=3, eval_every=2, toy_pretrain_steps=200, eval_samples=16, output_dir=str(run), ema=True,
+            **vgpo.PRESETS[method],
+        )  # fmt: skip
+        history = vgpo.train(config)
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["iteration"] for r in lines] == [0, 1, 2] and lines[-1]["eval_reward"] == history[-1]["eval_reward"]
+        assert (run / "curves.png").stat().st_size > 0
+        runs.append(str(run))
+    text = capsys.readouterr().out
+    assert "best eval reward" in text and "-> " in text and "EMA weights" in text and "metrics.jsonl" in text
+    experiments.main(["curves", *runs, "--out", str(tmp_path)])
+    from PIL import Image
+
+    assert Image.open(tmp_path / "curves.png").size[0] > 1000
+
+
+def test_tensorboard_gets_scalars_and_grids_and_is_named_when_missing(tmp_path, monkeypatch):
+    import importlib.util
+    import types
+
+    calls = []
+
+    class Writer:
+        def __init__(self, logdir):
+            calls.append(("dir", logdir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append(("scalar", tag, step))
+
+        def add_image(self, tag, image, step):
+            calls.append(("image", tag, tuple(image.shape), step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            calls.append(("close",))
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "tensorboard" else real_find_spec(name, *a)
+    )
+    vgpo.train(tiny_config(iterations=2, output_dir=str(tmp_path), tensorboard=True))
+    assert ("dir", str(tmp_path / "tensorboard")) in calls and calls[-1] == ("close",)
+    assert ("scalar", "reward_mean", 2) in calls and ("scalar", "kl_ref", 1) in calls
+    assert [c[3] for c in calls if c[0] == "image"] == [0, 2]  # before and after
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a)
+    )
+    with pytest.raises(vgpo.ConfigError, match="pip install tensorboard"):
+        tiny_config(output_dir=str(tmp_path), tensorboard=True)
+
+
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["--group_size", "1"], "--group_size: invalid value 1: must be >= 2"),
+        (["--model", "tiny", "--resolution", "512"], "--resolution: invalid value 512"),
+        (["--lr", "fast"], "--lr: invalid float value: 'fast'"),
+        (["--method", "ppo"], "--method: invalid choice: 'ppo'"),
+    ],
+)
+def test_command_line_errors_are_one_line_with_status_2(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        vgpo.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and flag in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_an_unreadable_checkpoint_is_named(tmp_path, capsys):
+    vgpo.train(vgpo.toy_config(iterations=1, toy_pretrain_steps=200, eval_samples=16, output_dir=str(tmp_path)))
+    data = (tmp_path / "checkpoint.pt").read_bytes()
+    (tmp_path / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # truncated
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        vgpo.main(
+            ["--iterations", "2", "--toy_pretrain_steps", "200", "--eval_samples", "16", "--resume", str(tmp_path)]
+        )
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"cannot read {tmp_path / 'checkpoint.pt'}" in err and len(err.splitlines()) == 1

@@ -114,7 +114,11 @@ class Config:
     # evaluation and output (boilerplate)
     eval_every: int = 0  # evaluate every this many iterations; 0: only before and after
     eval_samples: int = 64  # held-out samples per evaluation (toy: noise; SD3: prompts x 1)
-    output_dir: str = ""  # LoRA weights, sample grids, history, checkpoints; empty: nothing written
+    output_dir: str = ""  # LoRA weights, sample grids, metrics, curves, checkpoints; empty: nothing written
+    tensorboard: bool = False  # also log scalars and eval grids to output_dir/tensorboard (needs tensorboard)
+    ema: bool = False  # evaluate and export an EMA of the LoRA weights (Flow-GRPO: on); presets set it per model
+    ema_decay: float = 0.9  # EMA decay (Flow-GRPO: 0.9), warmed up as min((1 + n) / (10 + n), decay)
+    ema_every: int = 8  # optimizer steps between EMA updates (Flow-GRPO: 8)
     checkpoint_every: int = 10  # also on SIGINT/SIGTERM and at the end; needs output_dir
     resume: str = ""  # a directory holding checkpoint.pt: continue that run exactly
     device: str = "auto"  # auto: cuda if available, else cpu
@@ -195,12 +199,21 @@ def toy_config(**overrides) -> Config:
     return Config(model="toy", **overrides)
 
 
+class ConfigError(ValueError):
+    """A field's value that cannot run, with the field, the value and what is allowed; the CLI
+    prints it as one line naming the flag and exits with status 2."""
+
+    def __init__(self, field: str, value, allowed: str):
+        super().__init__(f"Config.{field}={value!r} is invalid: {allowed}")
+        self.field, self.value, self.allowed = field, value, allowed
+
+
 def validate_config(c: Config) -> None:
     """Check every field before anything loads; errors name the field, value and what is allowed."""
 
     def need(ok, name, allowed):
         if not ok:
-            raise ValueError(f"Config.{name}={getattr(c, name)!r} is invalid: {allowed}")
+            raise ConfigError(name, getattr(c, name), allowed)
 
     need(c.group_size >= 2, "group_size", "must be >= 2 (a group statistic needs two samples)")
     need(c.prompts_per_iteration >= 1, "prompts_per_iteration", "must be >= 1")
@@ -234,6 +247,19 @@ def validate_config(c: Config) -> None:
         need(c.resolution <= top, "resolution", f"the tiny model's position embedding covers at most {top} px")
     need(c.reward_workers >= 0, "reward_workers", "must be >= 0 (0: score inline)")
     need(c.reward_threads >= 0, "reward_threads", "must be >= 0 (0: one per CPU core)")
+    need(0 <= c.ema_decay < 1, "ema_decay", "must be in [0, 1)")
+    need(c.ema_every >= 1, "ema_every", "must be >= 1")
+    need(
+        not c.tensorboard or bool(c.output_dir), "tensorboard", "needs --output_dir (logs go to output_dir/tensorboard)"
+    )
+    if c.tensorboard:
+        import importlib.util
+
+        need(
+            importlib.util.find_spec("tensorboard") is not None,
+            "tensorboard",
+            "needs the package: pip install tensorboard",
+        )
     need(c.decode_batch >= 0, "decode_batch", "must be >= 0 (0: the whole batch in one call)")
     need(c.eval_every >= 0, "eval_every", "must be >= 0")
     need(c.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: only on a signal and at the end)")
@@ -261,7 +287,7 @@ def validate_config(c: Config) -> None:
         try:
             rewards.parse_spec(c.reward)
         except ValueError as err:
-            raise ValueError(f"Config.reward={c.reward!r} is invalid: {err}") from None
+            raise ConfigError("reward", c.reward, str(err)) from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -604,7 +630,7 @@ class ToyBackend:
     def default_reward(self):
         c = self.config
         if c.reward not in TOY_REWARDS:
-            raise ValueError(f"Config.reward={c.reward!r} is not a toy reward; choose one of {sorted(TOY_REWARDS)}")
+            raise ConfigError("reward", c.reward, f"the toy's rewards are {sorted(TOY_REWARDS)}")
         return TOY_REWARDS[c.reward](c.toy_conditions, c.toy_modes)
 
     def sigmas(self, num_steps):
@@ -671,7 +697,7 @@ def check_resolution(pipe, resolution: int) -> None:
     cfg = pipe.transformer.config
     top = cfg.pos_embed_max_size * cfg.patch_size * pipe.vae_scale_factor if cfg.pos_embed_max_size else None
     if top and resolution > top:
-        raise ValueError(f"Config.resolution={resolution} is too large for this model: at most {top} px")
+        raise ConfigError("resolution", resolution, f"too large for this model: at most {top} px")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -1001,7 +1027,7 @@ def step_loss(backend, batch: Rollout, advantages, idx, k, sigmas, config: Confi
 
 
 def policy_update(
-    backend, batch: Rollout, advantages, optimizer, sigmas, config: Config, generator, offset=0, total=None
+    backend, batch: Rollout, advantages, optimizer, sigmas, config: Config, generator, offset=0, total=None, ema=None
 ):
     """One rollout batch -> num_minibatches optimizer steps; backward per step (one graph alive).
 
@@ -1026,6 +1052,8 @@ def policy_update(
         all_reduce_gradients(backend.parameters())  # sum over ranks; nothing when alone
         grad_norm = torch.nn.utils.clip_grad_norm_(backend.parameters(), config.max_grad_norm)
         optimizer.step()
+        if ema is not None:
+            ema.update(backend.parameters())
     device = advantages.device  # nccl reduces GPU tensors only
     totals = all_reduce_(torch.tensor([*sums.values(), count], dtype=torch.float64, device=device))
     err = all_reduce_(torch.tensor(onpolicy_err, device=device), op="max")
@@ -1061,7 +1089,7 @@ def init_distributed(config: Config) -> bool:
     if world == 1 or dist.is_initialized():
         return False
     if config.prompts_per_iteration % world:
-        raise ValueError(f"Config.prompts_per_iteration={config.prompts_per_iteration} must divide by {world} ranks")
+        raise ConfigError("prompts_per_iteration", config.prompts_per_iteration, f"must divide by {world} ranks")
     cuda = torch.cuda.is_available() and config.device != "cpu"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -1118,7 +1146,7 @@ def build_backend(config: Config):
     return SD3Backend(config)
 
 
-def train_iteration(backend, reward_fn, optimizer, sigmas, config: Config, iteration: int) -> dict:
+def train_iteration(backend, reward_fn, optimizer, sigmas, config: Config, iteration: int, ema=None) -> dict:
     """Algorithm 1, one iteration: sample groups, values and advantages, clipped update.
 
     Each rank samples whole groups; noise comes from one generator per (seed, iteration, global
@@ -1137,7 +1165,7 @@ def train_iteration(backend, reward_fn, optimizer, sigmas, config: Config, itera
     rewards = all_gather_rows(batch.rewards)  # (N*G, T|1), every rank's groups in order
     advantages, info = batch_advantages(rewards, config)  # (N*G, T)
     advantages = advantages[offset : offset + len(prompts)]  # (B_rank, T)
-    info |= policy_update(backend, batch, advantages, optimizer, sigmas, config, gen, offset, len(rewards))
+    info |= policy_update(backend, batch, advantages, optimizer, sigmas, config, gen, offset, len(rewards), ema)
     return {"iteration": iteration, **info, "seconds": time.perf_counter() - start}
 
 
@@ -1145,18 +1173,123 @@ def format_metrics(record: dict) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
 
 
-def save_samples(samples, path: str) -> None:
-    """Boilerplate: a PNG grid of decoded images (B, 3, H, W) in [0, 1]; other samples are skipped."""
+def image_grid(samples):
+    """Boilerplate: decoded images (B, 3, H, W) in [0, 1] as one (3, H', W') grid; None for other samples."""
     if samples is None or samples.ndim != 4:
-        return
-    from PIL import Image
-
+        return None
     cols = math.ceil(math.sqrt(len(samples)))
     grid = torch.ones(3, samples.shape[2] * math.ceil(len(samples) / cols), samples.shape[3] * cols)
-    for i, image in enumerate(samples.cpu()):
+    for i, image in enumerate(samples.float().cpu()):
         r, c = divmod(i, cols)
         grid[:, r * image.shape[1] : (r + 1) * image.shape[1], c * image.shape[2] : (c + 1) * image.shape[2]] = image
-    Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+    return grid  # (3, H', W')
+
+
+def save_samples(samples, path: str) -> None:
+    """Boilerplate: a PNG grid of decoded images (B, 3, H, W) in [0, 1]; other samples are skipped."""
+    grid = image_grid(samples)
+    if grid is not None:
+        from PIL import Image
+
+        Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+
+
+class EMA:
+    """Boilerplate: Flow-GRPO's EMA of the LoRA weights. After optimizer step n (1, 2, ...), when
+    (n + 1) % every == 0: ema += (1 - d_n) (p - ema), d_n = min((1 + n) / (10 + n), decay)."""
+
+    def __init__(self, params, decay: float, every: int):
+        self.shadow = [p.detach().clone() for p in params]
+        self.decay, self.every, self.steps = decay, every, 0
+
+    @torch.no_grad()
+    def update(self, params) -> None:
+        self.steps += 1
+        n = self.steps
+        if (n + 1) % self.every == 0:
+            d = min((1 + n) / (10 + n), self.decay)
+            for shadow, p in zip(self.shadow, params, strict=True):
+                shadow.add_((1 - d) * (p.detach() - shadow))
+
+    @contextlib.contextmanager
+    def applied(self, params):
+        """The EMA weights in place of `params` inside the block; the trained ones restored after."""
+        params = list(params)
+        kept = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, shadow in zip(params, self.shadow, strict=True):
+                p.copy_(shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, k in zip(params, kept, strict=True):
+                    p.copy_(k)
+
+    def state_dict(self) -> dict:
+        return {"shadow": [t.cpu() for t in self.shadow], "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        for shadow, saved in zip(self.shadow, state["shadow"], strict=True):
+            shadow.copy_(saved)
+        self.steps = state["steps"]
+
+
+def append_metrics(path: str, records: list, rewrite: bool = False) -> None:
+    """Boilerplate: one JSON object per iteration in output_dir/metrics.jsonl, flushed to disk at
+    once. `rewrite` replaces the file (on resume: exactly the checkpoint's iterations, so an
+    iteration finished after the last checkpoint is neither lost nor written twice)."""
+    import json
+    import os
+
+    with open(path, "w" if rewrite else "a") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+CURVES = ("reward_mean", "eval_reward", "zero_std_ratio", "adv_rel_abs", "adv_anchor_abs", "kl_ref", "clipfrac")
+
+
+def plot_curves(run_dirs: list, path: str) -> None:
+    """Boilerplate: the CURVES metrics of one or several runs (their metrics.jsonl) in one PNG."""
+    import json
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
+    for run in run_dirs:
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        for ax, key in zip(axes.flat, CURVES, strict=False):
+            points = [(r["iteration"] + 1, r[key]) for r in records if r.get(key) is not None]
+            if key == "eval_reward" and records and records[0].get("eval_reward_before") is not None:
+                points.insert(0, (0, records[0]["eval_reward_before"]))
+            xs, ys = [x for x, _ in points], [y for _, y in points]
+            ax.plot(xs, ys, label=os.path.basename(os.path.normpath(run)), marker="." if len(points) < 30 else "")
+            ax.set_title(key)
+            ax.set_xlabel("iteration")
+    axes.flat[-1].axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def open_tensorboard(config: Config):
+    """Boilerplate: a SummaryWriter in output_dir/tensorboard, or None when not asked for."""
+    import os
+
+    if not config.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(os.path.join(config.output_dir, "tensorboard"))
 
 
 def save_outputs(backend, config: Config, history: list) -> None:
@@ -1170,10 +1303,21 @@ def save_outputs(backend, config: Config, history: list) -> None:
 
 
 # Fields a resumed run may change; any other difference from the checkpoint's config is an error.
-RESUMABLE_FIELDS = {"iterations", "resume", "output_dir", "checkpoint_every", "eval_every", "device"}
+RESUMABLE_FIELDS = {
+    "iterations",
+    "resume",
+    "output_dir",
+    "checkpoint_every",
+    "eval_every",
+    "device",
+    "tensorboard",
+    "reward_workers",
+    "reward_threads",
+    "decode_batch",
+}
 
 
-def save_checkpoint(path: str, backend, optimizer, config: Config, history: list) -> None:
+def save_checkpoint(path: str, backend, optimizer, config: Config, history: list, ema=None) -> None:
     """Boilerplate: LoRA weights, optimizer, iteration, RNG, config and history, written atomically
     (temporary file, then rename), so a crash while saving keeps the last good checkpoint."""
     import os
@@ -1181,6 +1325,7 @@ def save_checkpoint(path: str, backend, optimizer, config: Config, history: list
     state = {
         "lora": {n: p.detach().cpu() for n, p in backend.model.named_parameters() if p.requires_grad},
         "optimizer": optimizer.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
         "iteration": len(history),
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -1191,19 +1336,24 @@ def save_checkpoint(path: str, backend, optimizer, config: Config, history: list
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path: str, backend, optimizer, config: Config) -> list:
-    """Boilerplate: restore a checkpoint into backend and optimizer; returns the history so far."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    for name, saved in state["config"].items():
-        if name not in RESUMABLE_FIELDS and getattr(config, name) != saved:
-            raise ValueError(
-                f"--resume: Config.{name}={getattr(config, name)!r} differs from the checkpoint's {saved!r}"
-            )
+def load_checkpoint(path: str, backend, optimizer, config: Config, ema=None) -> list:
+    """Boilerplate: restore a checkpoint into backend, optimizer and EMA; returns the history so far."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved_config = state["config"]
+    except Exception as err:  # truncated, not a checkpoint, unreadable: all say the same to the user
+        why = f"cannot read {path} ({type(err).__name__}: {err}): truncated, or not a vgpo checkpoint"
+        raise ConfigError("resume", config.resume, why) from None
+    for name, saved in saved_config.items():
+        if name not in RESUMABLE_FIELDS and hasattr(config, name) and getattr(config, name) != saved:
+            raise ConfigError(name, getattr(config, name), f"differs from the checkpoint's {saved!r} (--resume)")
     params = dict(backend.model.named_parameters())
     with torch.no_grad():
         for name, value in state["lora"].items():
             params[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -1251,61 +1401,125 @@ def setup(config: Config, reward_fn=None):
     return backend, reward_fn, optimizer
 
 
+class RunFiles:
+    """Boilerplate: what a run writes in output_dir as it goes: metrics.jsonl (one line per
+    iteration, flushed), sample grids, TensorBoard scalars and images, curves.png at the end."""
+
+    def __init__(self, config: Config):
+        import os
+
+        self.dir = config.output_dir
+        os.makedirs(self.dir, exist_ok=True)
+        self.metrics = os.path.join(self.dir, "metrics.jsonl")
+        self.writer = open_tensorboard(config)
+
+    def start(self, history: list) -> None:
+        append_metrics(self.metrics, history, rewrite=True)  # a resumed run: the checkpoint's iterations
+
+    def record(self, record: dict) -> None:
+        append_metrics(self.metrics, [record])
+        if self.writer:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "iteration":
+                    self.writer.add_scalar(key, value, record["iteration"] + 1)
+            self.writer.flush()
+
+    def samples(self, samples, tag: str, step: int) -> None:
+        import os
+
+        save_samples(samples, os.path.join(self.dir, f"samples_{tag}.png"))
+        grid = image_grid(samples)
+        if self.writer and grid is not None:
+            self.writer.add_image("eval_samples", grid, step)
+
+    def finish(self) -> None:
+        import os
+
+        plot_curves([self.dir], os.path.join(self.dir, "curves.png"))
+        if self.writer:
+            self.writer.close()
+
+
+def summary(history: list, config: Config, seconds: float) -> str:
+    """End-of-run lines: eval before -> after, the best eval and its iteration, wall time, files."""
+    evals = [(h["iteration"] + 1, h["eval_reward"]) for h in history if h.get("eval_reward") is not None]
+    lines = [f"{len(history)} iterations, {seconds:.0f} s wall in this call"]
+    if evals and history[0].get("eval_reward_before") is not None:
+        before, after = history[0]["eval_reward_before"], evals[-1][1]
+        weights = "EMA weights" if config.ema else "trained weights"
+        lines.insert(
+            0, f"eval reward (ODE, {config.eval_steps} steps, held-out, {weights}): {before:.4f} -> {after:.4f}"
+        )
+    if evals:
+        best = max(evals, key=lambda e: e[1])
+        lines.append(f"best eval reward {best[1]:.4f} at iteration {best[0]}")
+    if config.output_dir:
+        lines.append(f"files in {config.output_dir}: metrics.jsonl, curves.png, samples_*.png, lora/, checkpoint.pt")
+    return "\n".join(lines)
+
+
 def train(config: Config, reward_fn=None) -> list[dict]:
     """Train the configured model with VGPO (or GRPO); returns one metrics dict per iteration.
 
     reward_fn(inputs, prompts) -> (B,) replaces the configured reward. With reward_workers > 0 it is
     called from worker threads, several calls at once: it must be thread-safe (the rewards of
-    rewards.py are). The first record holds
-    `eval_reward_before`, and records of evaluated iterations (every eval_every, and the last)
-    hold `eval_reward`: ODE samples on held-out noise and prompts. With output_dir, checkpoints
-    are written every checkpoint_every iterations, on SIGINT/SIGTERM and at the end. Under
-    torchrun, rank 0 alone evaluates, logs and writes.
+    rewards.py are). The first record holds `eval_reward_before`, and records of evaluated
+    iterations (every eval_every, and the last) hold `eval_reward`: ODE samples on held-out noise
+    and prompts, with the EMA weights when `ema`. With output_dir, metrics stream to
+    metrics.jsonl and checkpoints are written every checkpoint_every iterations, on SIGINT/SIGTERM
+    and at the end. Under torchrun, rank 0 alone evaluates, logs and writes.
     """
     import os
 
+    start = time.perf_counter()
     owns_group = init_distributed(config)
     backend, reward_fn, optimizer = setup(config, reward_fn)
+    ema = EMA(backend.parameters(), config.ema_decay, config.ema_every) if config.ema else None
     sigmas, lead = backend.sigmas(config.num_steps), rank_and_world()[0] == 0  # sigmas: (T+1,)
-    out = config.output_dir if lead else ""
-    checkpoint = os.path.join(out, "checkpoint.pt") if out else ""
-    if out:
-        os.makedirs(out, exist_ok=True)
+    files = RunFiles(config) if lead and config.output_dir else None
+    checkpoint = os.path.join(config.output_dir, "checkpoint.pt") if files else ""
+    weights = (lambda: ema.applied(backend.parameters())) if ema else contextlib.nullcontext
 
-    def run_eval(tag):
+    def run_eval(tag, step):
         prompts, gen = backend.eval_prompts(config.eval_samples), make_generator(config.seed, 2)
         chunk = config.prompts_per_iteration * config.group_size // rank_and_world()[1]  # a rank's rollout batch
-        mean, samples = evaluate(backend, reward_fn, prompts, config.eval_steps, gen, chunk)
-        if out:
-            save_samples(samples, os.path.join(out, f"samples_{tag}.png"))
+        with weights():
+            mean, samples = evaluate(backend, reward_fn, prompts, config.eval_steps, gen, chunk)
+        if files:
+            files.samples(samples, tag, step)
         return mean
 
     resume = os.path.join(config.resume, "checkpoint.pt") if config.resume else ""
-    history = load_checkpoint(resume, backend, optimizer, config) if resume else []
-    before = run_eval("before") if lead and not history else None
+    history = load_checkpoint(resume, backend, optimizer, config, ema) if resume else []
+    if files:
+        files.start(history)
+    before = run_eval("before", 0) if lead and not history else None
     with StopSignal() as stop:
         for it in tqdm(range(len(history), config.iterations), desc="vgpo", dynamic_ncols=True, disable=not lead):
-            record = train_iteration(backend, reward_fn, optimizer, sigmas, config, it)
+            record = train_iteration(backend, reward_fn, optimizer, sigmas, config, it, ema)
             if it == 0:
                 record["eval_reward_before"] = before
             last = it == config.iterations - 1
             if lead and (last or (config.eval_every and (it + 1) % config.eval_every == 0)):
-                record["eval_reward"] = run_eval(f"{it + 1:05d}")
+                record["eval_reward"] = run_eval(f"{it + 1:05d}", it + 1)
             history.append(record)
             if lead:
                 tqdm.write(format_metrics(record))
+            if files:
+                files.record(record)
             due = last or stop.requested or (config.checkpoint_every and (it + 1) % config.checkpoint_every == 0)
             if checkpoint and due:
-                save_checkpoint(checkpoint, backend, optimizer, config, history)
+                save_checkpoint(checkpoint, backend, optimizer, config, history, ema)
             if stop.requested:
                 raise KeyboardInterrupt(
                     f"stopped by a signal after iteration {it}; resume with --resume {config.output_dir}"
                 )
-    if lead and history and "eval_reward" in history[-1]:
-        before, after = history[0]["eval_reward_before"], history[-1]["eval_reward"]
-        tqdm.write(f"eval reward (ODE, {config.eval_steps} steps, held-out): before {before:.4f} -> after {after:.4f}")
-    if out:
-        save_outputs(backend, config, history)
+    if files:
+        with weights():  # the exported LoRA is the EMA when on
+            save_outputs(backend, config, history)
+        files.finish()
+    if lead:
+        tqdm.write(summary(history, config, time.perf_counter() - start))
     if owns_group:
         close_distributed()
     return history
@@ -1327,11 +1541,23 @@ def _field_help() -> dict:
     return helps
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag, value or combination in one line, with exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def cli_error(err: ConfigError):
+    """A ConfigError as argparse reports a bad flag: one line naming the flag, exit status 2."""
+    OneLineParser(prog="vgpo.py").error(f"argument --{err.field}: invalid value {err.value!r}: {err.allowed}")
+
+
 def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     """Defaults: the paper's, then PRESETS[model] (toy, tiny), --preset, --method; explicit flags win."""
     import typing
 
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = OneLineParser(add_help=False)
     pre.add_argument("--model", default=Config.model, help=_field_help()["model"])
     pre.add_argument("--preset", default=None, choices=["small-gpu"], help="settings for one 24 GB GPU")
     pre.add_argument("--method", default="vgpo", choices=["vgpo", "grpo"], help="grpo: dense_values off, kappa 0")
@@ -1339,7 +1565,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     defaults = dict(PRESETS.get(known.model, {}))  # the toy and tiny models have presets of their own
     defaults |= PRESETS.get(known.preset, {}) | PRESETS[known.method]
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[pre])
+    parser = OneLineParser(description=__doc__.split("\n")[0], parents=[pre])
     types, helps = typing.get_type_hints(Config), _field_help()
     for f in dataclasses.fields(Config):
         if f.name == "model":  # already on the pre-parser
@@ -1352,7 +1578,10 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
             kwargs = dict(type={int | None: int}.get(kind, kind))
         parser.add_argument(f"--{f.name}", default=default, help=helps.get(f.name), **kwargs)
     args = parser.parse_args(argv)
-    config = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    try:
+        config = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    except ConfigError as err:
+        cli_error(err)
     return config, args
 
 
@@ -1360,6 +1589,8 @@ def main(argv=None):
     config, _ = parse_args(argv)
     try:
         train(config)
+    except ConfigError as err:  # found while loading: a model's limits, a checkpoint that cannot be read
+        cli_error(err)
     except KeyboardInterrupt as stop:
         raise SystemExit(f"{stop}") from None
 
