@@ -132,8 +132,9 @@ def methods_figure(runs: list[dict], path: str) -> None:
 def methods(args) -> None:
     names = args.methods.split(",") if args.methods else list(METHODS)
     anchor = {"kappa": args.kappa} if args.kappa is not None else {}  # only for methods with an anchor
+    ema = {"ema": True} if args.ema else {}
     jobs = [
-        (s, m, seed, {"iterations": args.iterations, **(anchor if METHODS[m]["kappa"] else {})})
+        (s, m, seed, {"iterations": args.iterations, **(anchor if METHODS[m]["kappa"] else {}), **ema})
         for s in SETTINGS
         for m in names
         for seed in range(args.seeds)
@@ -147,6 +148,8 @@ def methods(args) -> None:
         command, stem = command + f" --methods '{args.methods}'", stem + "_" + args.methods.replace(" ", "_")
     if anchor:
         command, stem = command + f" --kappa {args.kappa}", stem + f"_kappa{args.kappa}"
+    if ema:
+        command, stem = command + " --ema", stem + "_ema"
     with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
         json.dump(runs, f)
     with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
@@ -464,9 +467,13 @@ def gpu_check(args) -> None:
     if args.decode_batch is not None:
         preset["decode_batch"] = args.decode_batch
     base = vgpo.Config(**{**preset, "model": model, "offload_text_encoders": False})
+    if cuda and args.memory_cap_gib:  # behave as a card of this size: the allocator fails beyond it
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total)
     start = time.perf_counter()
     backend = vgpo.build_backend(base)
     log = dict(device=torch.cuda.get_device_name() if cuda else "CPU", model=model, build_s=time.perf_counter() - start)
+    log["memory_cap_gib"] = args.memory_cap_gib
     log["resident_gib"] = gib(torch.cuda.memory_allocated)
     print(json.dumps(log), flush=True)
 
@@ -497,6 +504,8 @@ def gpu_check(args) -> None:
     log["resident_after_offload_gib"] = gib(torch.cuda.memory_allocated)
     measure("small-gpu preset", "GRPO", warmup=args.skip_resident)
     measure("small-gpu preset", "VGPO")
+    if args.memory_cap_gib:  # the preset alone, under the cap
+        return
     measure("small-gpu preset, no checkpointing", "VGPO", gradient_checkpointing=False)
     import rewards
 
@@ -550,6 +559,7 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--methods", default="", help="methods: a comma-separated subset of METHODS")
     parser.add_argument("--kappa", type=float, default=None, help="methods: kappa of the methods with an anchor")
+    parser.add_argument("--ema", action="store_true", help="methods: evaluate the EMA of the LoRA weights")
     parser.add_argument("--reward", default="jpeg_compressibility", help="benchmark: an image reward")
     parser.add_argument("--model", default="tiny", help="benchmark: tiny, random-sd3.5-medium, or an SD3 id")
     parser.add_argument("--preset", default="", help="benchmark: a vgpo.PRESETS entry, e.g. small-gpu")
@@ -557,6 +567,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="benchmark: timed iterations")
     parser.add_argument("--decode_batch", type=int, default=None, help="gpu_check: images per VAE decode call")
     parser.add_argument("--skip_resident", action="store_true", help="gpu_check: offloaded text encoders only")
+    parser.add_argument("--memory_cap_gib", type=float, default=0, help="gpu_check: act as a card of this size")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
