@@ -5,7 +5,8 @@
 
 A reward function may be called from several threads at once (vgpo scores each sampling step's
 instant rewards in a thread pool while the sampler runs on): every reward here is thread-safe.
-`threads` is how many CPU threads one call of a CPU reward may use (0: one per core).
+`threads` is how many CPU threads a CPU reward uses (0: one per core): OCR reads the images of
+every call in one pool of that many threads, shared by calls that run at once.
 
 `images` is a float tensor (B, 3, H, W) in [0, 1]; `prompts` a list of B strings. `spec` is a
 name from REWARDS or a weighted mix "ocr:1.0,pickscore:0.5" (the weighted SUM of the parts).
@@ -121,8 +122,9 @@ def ocr_score(recognised: str, target: str) -> float:
 def ocr(device="cpu", threads=0):
     """Range [0, 1]. Deterministic. rapidocr has no batch entry point: the images of one call are
     read in parallel by a pool of `threads` threads (0: one per CPU core) owned by this reward,
-    each with its own engine (onnxruntime releases the GIL). The pool's threads live as long as
-    the reward, so engines are made once, whichever thread calls the reward."""
+    each with its own engine (onnxruntime releases the GIL). Calls that run at once share the
+    pool, so the cores are never oversubscribed; its threads live as long as the reward, so
+    engines are made once, whichever thread calls the reward."""
     import os
     import threading
     from concurrent.futures import ThreadPoolExecutor
