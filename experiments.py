@@ -223,19 +223,36 @@ def render_text(text: str, size: int = 256) -> torch.Tensor:
     return torch.tensor(np.array(image)).permute(2, 0, 1).float() / 255  # (3, H, W)
 
 
+def shapes_batch(n: int, size: int, seed: int = 0):
+    """n random shapes scenes (all four categories) as images (n, 3, size, size) and their prompts."""
+    import numpy as np
+
+    import shapes
+
+    rng = np.random.default_rng(seed)
+    scenes = [shapes.random_scene(shapes.CATEGORIES[i % 4], rng) for i in range(n)]
+    images = torch.stack([torch.tensor(shapes.render(s, size, rng)).permute(2, 0, 1) for s in scenes]) / 255
+    return images, [shapes.prompt_of(s) for s in scenes]
+
+
 def reward_cost(args) -> None:
-    """Milliseconds per image of the offline rewards, on 8 images with rendered text per size."""
+    """Milliseconds per image of the offline rewards: 8 images with rendered text per size, and
+    64 random shapes scenes at 64 px for the GenEval-style rewards."""
     import rewards
 
     rows = ["| reward | image side | ms / image | mean reward |", "|---|---|---|---|"]
     for name in rewards.OFFLINE_REWARDS:
         fn = rewards.load_reward(name)
-        for size in (256, 512):
-            images = torch.stack([render_text("HELLO", size) for _ in range(8)])  # (8, 3, S, S)
-            fn(images[:1], ['"hello"'])  # warm-up
+        shapes_reward = name.startswith("geneval_shapes")
+        for size in (64,) if shapes_reward else (256, 512):
+            if shapes_reward:
+                images, prompts = shapes_batch(64, size)
+            else:
+                images, prompts = torch.stack([render_text("HELLO", size) for _ in range(8)]), ['"hello"'] * 8
+            fn(images[:1], prompts[:1])  # warm-up
             start = time.perf_counter()
-            scores = fn(images, ['a sign that says "hello"'] * 8)
-            ms = (time.perf_counter() - start) / 8 * 1000
+            scores = fn(images, prompts)
+            ms = (time.perf_counter() - start) / len(images) * 1000
             rows.append(f"| {name} | {size} | {ms:.1f} | {scores.mean():.3f} |")
     text = "`python experiments.py reward_cost` (CPU):\n\n" + "\n".join(rows) + "\n"
     with open(os.path.join(args.out, "reward_cost.md"), "w") as f:

@@ -9,11 +9,13 @@ import sys
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
 import experiments
 import rewards
+import shapes
 import tiny
 import vgpo
 
@@ -998,3 +1000,89 @@ def test_an_unreadable_checkpoint_is_named(tmp_path, capsys):
         )
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and f"cannot read {tmp_path / 'checkpoint.pt'}" in err and len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------- shapes: grammar and GenEval-style reward
+
+
+def _as_batch(arrays):
+    return torch.stack([torch.tensor(a).permute(2, 0, 1).float() / 255 for a in arrays])  # (B, 3, H, W)
+
+
+def test_shapes_grammar_round_trips_and_names_a_bad_prompt():
+    rng = np.random.default_rng(0)
+    for category in shapes.CATEGORIES:
+        for _ in range(20):
+            scene = shapes.random_scene(category, rng)
+            assert shapes.parse_prompt(shapes.prompt_of(scene)) == (category, scene)
+    assert shapes.prompt_of(shapes.parse_prompt("a photo of three blue squares")[1]) == "a photo of three blue squares"
+    with pytest.raises(ValueError, match="not in the shapes grammar"):
+        rewards.load_reward("geneval_shapes")(torch.zeros(1, 3, 64, 64), ["a photo of a purple circle"])
+
+
+def test_geneval_shapes_scores_random_jittered_scenes_correct():
+    # 200 scenes at 64 px: random categories, colours jittered +-25 per channel, sides 12-30 %,
+    # random places, black / white / grey backgrounds; every one must be judged correct
+    rng = np.random.default_rng(1)
+    scenes = [shapes.random_scene(shapes.CATEGORIES[i % 4], rng) for i in range(200)]
+    images = _as_batch([shapes.render(s, 64, rng) for s in scenes])
+    prompts = [shapes.prompt_of(s) for s in scenes]
+    assert rewards.load_reward("geneval_shapes")(images, prompts).tolist() == [1.0] * 200
+    assert rewards.load_reward("geneval_shapes_partial")(images, prompts).tolist() == [1.0] * 200
+
+
+def _near_misses(rng):
+    """(prompt, near-miss scene) pairs: count off by one, a wrong colour, a wrong shape, the relation reversed."""
+    T, S = shapes.Thing, shapes.Scene
+    other = lambda value, pool: str(rng.choice([v for v in pool if v != value]))  # noqa: E731
+    pairs = []
+    for _ in range(10):
+        t = T(str(rng.choice(list(shapes.COLORS))), str(rng.choice(shapes.SHAPES)), int(rng.integers(2, 5)))
+        prompt = shapes.prompt_of(S((t,), counted=True))
+        pairs.append((prompt, S((T(t.color, t.shape, t.count + int(rng.choice([-1, 1]))),), counted=True)))
+        pairs.append((prompt, S((T(t.color, t.shape, t.count - 1), T(other(t.color, shapes.COLORS), t.shape)))))
+        two = shapes.random_scene("two objects", rng)
+        a, b = two.things
+        pairs.append((shapes.prompt_of(two), S((a, T(other(b.color, shapes.COLORS), b.shape)))))
+        pairs.append((shapes.prompt_of(two), S((a, T(b.color, other(b.shape, shapes.SHAPES))))))
+        pos = shapes.random_scene("position", rng)
+        opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+        pairs.append((shapes.prompt_of(pos), S(pos.things, relation=opposite[pos.relation])))
+    return pairs
+
+
+def test_geneval_shapes_near_misses_score_zero_strict_and_below_one_partial():
+    rng = np.random.default_rng(2)
+    pairs = _near_misses(rng)
+    images = _as_batch([shapes.render(scene, 64, rng) for _, scene in pairs])
+    prompts = [prompt for prompt, _ in pairs]
+    strict = rewards.load_reward("geneval_shapes")(images, prompts)
+    partial = rewards.load_reward("geneval_shapes_partial")(images, prompts)
+    assert strict.tolist() == [0.0] * len(pairs)
+    assert (partial < 1).all() and (partial > 0).all()  # each near-miss still meets some requirement
+
+
+def test_geneval_shapes_partial_counts_requirements():
+    rng = np.random.default_rng(3)
+    blue_circle = shapes.render(shapes.parse_prompt("a photo of a blue circle")[1], 64, rng)
+    score = rewards.load_reward("geneval_shapes_partial")(_as_batch([blue_circle] * 2), [
+        "a photo of a red circle",  # the circle, not its colour: 1 of 2
+        "a photo of a blue circle and a red square",  # blue circle: 2 of 4
+    ])  # fmt: skip
+    assert score.tolist() == [0.5, 0.5]
+
+
+def test_shapes_model_pretrains_saves_loads_and_samples(tmp_path):
+    path = str(tmp_path / "base.safetensors")
+    shapes.pretrain(2, path, batch=4, eval_every=0)
+    transformer, encoder = shapes.load(path)
+    assert sum(p.numel() for p in transformer.parameters()) > 1e6 and not any(
+        p.requires_grad for p in encoder.parameters()
+    )
+    images = shapes.sample(transformer, encoder, ["a photo of two red circles", ""], steps=2)
+    assert images.shape == (2, 3, 64, 64) and 0 <= images.min() and images.max() <= 1
+    with pytest.raises(ValueError, match="not in the shapes vocabulary"):
+        shapes.tokenize(["a photo of a purple circle"])
+    held = shapes.held_out_prompts()
+    _, train_prompts = shapes.training_batch(64, np.random.default_rng(0), set(held["two objects"]))
+    assert not set(train_prompts) & set(held["two objects"])
