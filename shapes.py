@@ -259,6 +259,16 @@ def training_batch(n: int, rng: np.random.Generator, held_out=None):
     return images, [prompt_of(s) for s in scenes]
 
 
+def all_prompts() -> list[str]:
+    """Every prompt of the grammar (12 single, 36 counting, 132 two-object, 528 position)."""
+    things = [Thing(c, s) for c in COLORS for s in SHAPES]
+    out = [prompt_of(Scene((t,))) for t in things]
+    out += [prompt_of(Scene((Thing(t.color, t.shape, n),), counted=True)) for t in things for n in (2, 3, 4)]
+    pairs = [(a, b) for a in things for b in things if a != b]
+    out += [prompt_of(Scene(pair)) for pair in pairs]
+    return out + [prompt_of(Scene(pair, relation=r)) for pair in pairs for r in RELATIONS]
+
+
 def held_out_prompts() -> dict:
     """Evaluation prompts per category. Two objects and position: combinations never used in
     training (every prompt whose first thing's colour index equals its second thing's shape index,

@@ -1086,3 +1086,40 @@ def test_shapes_model_pretrains_saves_loads_and_samples(tmp_path):
     held = shapes.held_out_prompts()
     _, train_prompts = shapes.training_batch(64, np.random.default_rng(0), set(held["two objects"]))
     assert not set(train_prompts) & set(held["two objects"])
+
+
+@pytest.fixture(scope="module")
+def shapes_weights(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("shapes") / "base.safetensors")
+    shapes.pretrain(1, path, batch=4, eval_every=0)
+    return path
+
+
+def test_shapes_backend_reuses_the_samplers_velocity_and_trains(shapes_weights):
+    counts = {}
+    for method in ("grpo", "vgpo"):
+        config = vgpo.Config(
+            model="shapes", shapes_weights=shapes_weights, num_steps=4, group_size=2, prompts_per_iteration=2,
+            **vgpo.PRESETS[method],
+        )  # fmt: skip
+        backend = experiments.CountingBackend(vgpo.build_backend(config))
+        reward = backend.counted_reward(vgpo.checked_reward(backend.default_reward(), config.reward))
+        optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
+        record = vgpo.train_iteration(backend, reward, optimizer, backend.sigmas(4), config, 0)
+        counts[method] = backend.calls
+        assert math.isfinite(record["loss"]) and record["onpolicy_ratio_err"] < 1e-4
+    assert counts["vgpo"]["velocity"] == counts["grpo"]["velocity"]  # TCRM: no extra transformer call
+    assert (counts["vgpo"]["decode"], counts["grpo"]["decode"]) == (4, 1)
+    backend = vgpo.build_backend(config)
+    assert not set(backend.train_prompts) & set(shapes.held_out_prompts()["position"])
+    cond = backend.encode(["a photo of a red circle"] * 2)
+    x, sigma = backend.noise(2, torch.Generator().manual_seed(0)), 0.6
+    with torch.no_grad():  # the projection x - sigma v is the guided x0 prediction itself
+        x0u, x0c = (
+            shapes.predict_x0(backend.model, x, sigma, cond[e], cond[p])
+            for e, p in [("neg_embeds", "neg_pooled"), ("embeds", "pooled")]
+        )
+        x0 = x0u + config.guidance_scale * (x0c - x0u)
+        torch.testing.assert_close(
+            vgpo.project_x0(x, backend.velocity(x, sigma, cond), sigma), x0, rtol=1e-4, atol=1e-4
+        )

@@ -8,7 +8,7 @@ TCRM (dense per-step values from one-step projections, Eqs. 9-11) and ADAE (a gr
 with an absolute anchor, Eqs. 12-13). The file reads in the algorithm's order:
 
     config -> SDE step and log-prob -> projection and values (TCRM) -> advantages (ADAE)
-    -> loss -> models (toy, SD3.5) -> rollout -> training loop -> CLI
+    -> loss -> models (toy, SD3.5, shapes) -> rollout -> training loop -> CLI
 
 Shape legend: N prompts per iteration, G samples per prompt (a group), B = N*G, T sampling
 steps, D latent dims (C,H,W for SD3.5; 2 for the toy). Tensors with a group axis are (N, G, ...).
@@ -46,6 +46,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import itertools
 import math
 import re
 import time
@@ -65,10 +66,10 @@ from tqdm.auto import tqdm
 @dataclass(init=False)
 class Config:
     """Config(model=X, **fields): the paper's defaults below, then PRESETS[X] when the model has a
-    preset (toy, tiny), then the caller's fields; `python vgpo.py --model X --field v` builds the same."""
+    preset (toy, tiny, shapes), then the caller's fields; `python vgpo.py --model X --field v` builds the same."""
 
     # run
-    model: str = "toy"  # toy | tiny | random-sd3.5-medium (random weights, offline) | hub id | local directory
+    model: str = "toy"  # toy | shapes | tiny | random-sd3.5-medium (random weights, offline) | hub id | directory
     reward: str = ""  # toy_mode|toy_region (toy), or a rewards.py spec "ocr:1,pickscore:0.5"; "": toy_mode|ocr
     seed: int = 0  # seeds every torch.Generator of the run
     iterations: int = 100  # rollout + update rounds
@@ -127,6 +128,8 @@ class Config:
     toy_modes: int = 4  # modes of each condition's target mixture
     toy_spread: float = 0.15  # std of each mode of the toy's base distribution
     toy_pretrain_steps: int = 1500  # flow-matching steps of the base toy model
+    # shapes backend
+    shapes_weights: str = ""  # the pretrained shapes model (shapes.py); empty: shapes_base.safetensors here
 
     def __init__(self, **fields):
         names = [f.name for f in dataclasses.fields(Config)]
@@ -181,6 +184,16 @@ PRESETS = {
         lora_rank=4,
         lora_alpha=8,
         ema=False,  # random weights: nothing to smooth, one copy less
+    ),
+    "shapes": dict(  # provisional: the model's needs only, not yet calibrated for the demo
+        resolution=64,  # the model's and the reward's side
+        shift=1.0,  # pixel space at 64 px: SD3's shift 3 is for 1024 px latents
+        reward="geneval_shapes",
+        eval_steps=20,
+        eval_samples=128,
+        lora_rank=8,
+        lora_alpha=16,
+        ema=False,
     ),
     "grpo": dict(dense_values=False, kappa=0.0),  # Flow-GRPO's advantage, same trainer
     "vgpo": dict(dense_values=True),
@@ -242,6 +255,8 @@ def validate_config(c: Config) -> None:
     )
     need(c.lora_rank >= 1, "lora_rank", "must be >= 1")
     need(c.resolution >= 16 and c.resolution % 16 == 0, "resolution", "must be a multiple of 16")
+    if c.model == "shapes":
+        need(c.resolution == 64, "resolution", "the shapes model is 64 px")
     if c.model == "tiny":
         import tiny
 
@@ -866,6 +881,77 @@ class SD3Backend:
         )
 
 
+# --- shapes: a small MMDiT on 64 px scenes (shapes.py), predicting x0, guided --------------------
+
+
+class ShapesBackend(SD3Backend):
+    """The shapes model behind the backend interface (prompts, rewards, reference and parameters as
+    SD3Backend's): shapes.py's MMDiT in pixel space, LoRA on
+    its attention projections (SD3's targets), classifier-free guidance as SD3Backend's. The
+    network predicts x0; the velocity is (x - x0) / sigma, so TCRM's projection x - sigma v is
+    that x0 exactly. decode is the identity on pixels (VGPO's T decodes cost nothing)."""
+
+    def __init__(self, config: Config):
+        import os
+
+        import shapes
+
+        path = config.shapes_weights or os.path.join(
+            os.path.dirname(os.path.abspath(__file__)), "shapes_base.safetensors"
+        )
+        if not os.path.isfile(path):
+            raise ConfigError("shapes_weights", path, "no such file; `python shapes.py` pretrains one")
+        transformer, self.encoder = shapes.load(path)
+        self.config, self.device, self.dtype = config, torch.device("cpu"), torch.float32
+        self.model = add_lora(transformer, config.lora_rank, config.lora_alpha, SD3_LORA_TARGETS, config.seed).eval()
+        held = shapes.held_out_prompts()  # evaluation: the categories interleaved
+        self.held_out = [p for group in itertools.zip_longest(*held.values()) for p in group if p]
+        self.train_prompts = sorted(set(shapes.all_prompts()) - set(held["two objects"] + held["position"]))
+
+    def sigmas(self, num_steps):
+        return sigma_schedule(num_steps, self.config.shift)
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        import shapes
+
+        embeds, pooled = self.encoder(shapes.tokenize(prompts))
+        neg_embeds, neg_pooled = self.encoder(shapes.tokenize([""] * len(prompts)))
+        return {"embeds": embeds, "pooled": pooled, "neg_embeds": neg_embeds, "neg_pooled": neg_pooled}
+
+    def noise(self, batch, generator):
+        import shapes
+
+        return _randn((batch, 3, shapes.SIZE, shapes.SIZE), generator, self.device)  # (B, 3, H, W)
+
+    def velocity(self, x, sigma, cond, train=False):
+        """Guided x0 prediction turned into a velocity: v = (x - x0) / sigma (guiding x0 guides v alike)."""
+        c = self.config
+        guided = c.guidance_scale != 1 and (c.train_cfg or not train)
+        names = [("neg_embeds", "neg_pooled"), ("embeds", "pooled")] if guided else [("embeds", "pooled")]
+        sig = torch.as_tensor(sigma, dtype=torch.float32).expand(len(names) * x.shape[0])  # (2B|B,)
+        x0 = self.model(
+            hidden_states=torch.cat([x] * len(names)),
+            timestep=sig * 1000,
+            encoder_hidden_states=torch.cat([cond[e] for e, _ in names]),
+            pooled_projections=torch.cat([cond[p] for _, p in names]),
+            return_dict=False,
+        )[0]  # (2B|B, 3, H, W)
+        if guided:
+            x0_uncond, x0_cond = x0.chunk(2)
+            if train and c.cfg_detach_uncond:
+                x0_uncond = x0_uncond.detach()
+            x0 = x0_uncond + c.guidance_scale * (x0_cond - x0_uncond)  # (B, 3, H, W)
+        return (x - x0) / sig[: x.shape[0]].reshape(-1, 1, 1, 1)  # (B, 3, H, W)
+
+    @torch.no_grad()
+    def decode(self, x0):
+        return ((x0.float().clamp(-1, 1) + 1) / 2).clamp(0, 1)  # pixels in [0, 1]
+
+    def save(self, directory: str):
+        self.model.save_pretrained(directory)  # the peft adapter
+
+
 # ------------------------------------------------------------------------------------------------
 # Rollout: SDE sampling with log-probs (Eq. 7) and instant rewards of the projections (Eq. 9)
 # ------------------------------------------------------------------------------------------------
@@ -1136,9 +1222,12 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def build_backend(config: Config):
-    """The model behind the backend interface: the CPU toy, or SD3.5 (tiny, hub id or directory)."""
+    """The model behind the backend interface: the CPU toy, the shapes MMDiT, or SD3.5 (tiny, hub
+    id or directory)."""
     if config.model == "toy":
         return ToyBackend(config)
+    if config.model == "shapes":
+        return ShapesBackend(config)
     return SD3Backend(config)
 
 
