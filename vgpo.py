@@ -886,10 +886,10 @@ class SD3Backend:
 
 class ShapesBackend(SD3Backend):
     """The shapes model behind the backend interface (prompts, rewards, reference and parameters as
-    SD3Backend's): shapes.py's MMDiT in pixel space, LoRA on
-    its attention projections (SD3's targets), classifier-free guidance as SD3Backend's. The
-    network predicts x0; the velocity is (x - x0) / sigma, so TCRM's projection x - sigma v is
-    that x0 exactly. decode is the identity on pixels (VGPO's T decodes cost nothing)."""
+    SD3Backend's): shapes.py's MMDiT in pixel space, LoRA on its attention projections (SD3's
+    targets), classifier-free guidance as SD3Backend's. The network predicts x0; the velocity is
+    (x - x0) / sigma, so TCRM's projection x - sigma v is that x0 exactly. decode only rescales
+    pixels from [-1, 1] to [0, 1] (VGPO's T decodes cost nothing)."""
 
     def __init__(self, config: Config):
         import os
