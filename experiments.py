@@ -429,23 +429,6 @@ def ocr_throughput(threads_list, size: int = 256, images: int = 16) -> list[tupl
     return out
 
 
-def rollout_seconds(config: vgpo.Config, repeats: int, reward_fn=None) -> float:
-    """Mean wall time of a rollout as train_iteration runs it, after one warm-up rollout."""
-    backend = vgpo.build_backend(config)
-    reward = vgpo.checked_reward(reward_fn or backend.default_reward(), config.reward)
-    sigmas, n = backend.sigmas(config.num_steps), config.prompts_per_iteration * config.group_size
-    instant = config.dense_values or config.use_weights
-    times = []
-    for i in range(repeats + 1):
-        groups = backend.prompts(config.prompts_per_iteration, vgpo.make_generator(config.seed, 1, i))
-        prompts = [p for p in groups for _ in range(config.group_size)]
-        noise = [vgpo.make_generator(config.seed, 3, i, j) for j in range(n)]
-        start = time.perf_counter()
-        vgpo.rollout(backend, prompts, sigmas, config.noise_level, reward, noise, instant, config.reward_workers)
-        times.append(time.perf_counter() - start)
-    return statistics.mean(times[1:])
-
-
 def overlap(args) -> None:
     """GRPO and VGPO on the tiny pipeline, rewards scored inline vs in worker threads."""
     rows = [
@@ -462,10 +445,8 @@ def overlap(args) -> None:
             for name in ("GRPO", "VGPO"):
                 config = vgpo.Config(**{**base, **METHODS[name], "resolution": side, "reward": spec})
                 config.reward_workers = workers
-                if timed == "iteration":
-                    t[mode, name] = benchmark_iteration(config, args.repeats, reward_fn=fn)["iteration_s"]
-                else:
-                    t[mode, name] = rollout_seconds(config, args.repeats, reward_fn=fn)
+                repeats = args.repeats if timed == "iteration" else 0  # 0: one rollout, no update
+                t[mode, name] = benchmark_iteration(config, repeats, reward_fn=fn)["iteration_s"]
         hidden = 1 - (t["workers", "VGPO"] - t["workers", "GRPO"]) / (t["inline", "VGPO"] - t["inline", "GRPO"])
         cells = [t["inline", "GRPO"], t["inline", "VGPO"], t["inline", "VGPO"] / t["inline", "GRPO"]]
         cells += [t["workers", "GRPO"], t["workers", "VGPO"], t["workers", "VGPO"] / t["workers", "GRPO"], hidden]

@@ -352,13 +352,13 @@ def find_objects(arr, min_side: float = 0.12) -> list:
     return found
 
 
-def shapes_requirements(prompt: str, objects, size: int) -> list[bool]:
-    """The prompt's requirements, each met or not. Per thing: an object of its shape; of its shape and
-    colour; for counting prompts, exactly N of the shape (no extra of the counted kind) and exactly N
-    of the shape and colour. For position prompts: some pair of the two things stands in the relation."""
+def shapes_requirements(scene, objects, size: int) -> list[bool]:
+    """The requirements of a prompt's parsed Scene (shapes.parse_prompt), each met or not. Per thing:
+    an object of its shape; of its shape and colour; for counting prompts, exactly N of the shape (no
+    extra of the counted kind) and exactly N of the shape and colour. For position prompts: some
+    pair of the two things stands in the relation."""
     import shapes
 
-    _, scene = shapes.parse_prompt(prompt)
     requirements, matches = [], []
     for thing in scene.things:
         of_shape = [o for o in objects if o[1] == thing.shape]
@@ -377,11 +377,10 @@ def _geneval_shapes(strict: bool):
     def reward_fn(images, prompts):
         import shapes
 
-        for p in prompts:  # validate every prompt before any work
-            shapes.parse_prompt(p)
+        scenes = [shapes.parse_prompt(p)[1] for p in prompts]  # every prompt checked before any work
         scores = []
-        for arr, prompt in zip(to_uint8(images), prompts, strict=True):
-            met = shapes_requirements(prompt, find_objects(arr), arr.shape[0])
+        for arr, scene in zip(to_uint8(images), scenes, strict=True):
+            met = shapes_requirements(scene, find_objects(arr), arr.shape[0])
             scores.append(float(all(met)) if strict else sum(met) / len(met))
         return torch.tensor(scores, dtype=torch.float32, device=images.device)
 

@@ -223,13 +223,20 @@ class ConfigError(ValueError):
         self.field, self.value, self.allowed = field, value, allowed
 
 
-def validate_config(c: Config) -> None:
-    """Check every field before anything loads; errors name the field, value and what is allowed."""
+def _checker(c: Config):
+    """need(ok, field, allowed): raise a ConfigError naming the field, its value and what is allowed."""
 
     def need(ok, name, allowed):
         if not ok:
             raise ConfigError(name, getattr(c, name), allowed)
 
+    return need
+
+
+def validate_config(c: Config) -> None:
+    """Check every field before anything loads; errors name the field, value and what is allowed.
+    Here the algorithm's fields; validate_run checks the model, reward, files and output."""
+    need = _checker(c)
     need(c.group_size >= 2, "group_size", "must be >= 2 (a group statistic needs two samples)")
     need(c.prompts_per_iteration >= 1, "prompts_per_iteration", "must be >= 1")
     need(c.iterations >= 0, "iterations", "must be >= 0")
@@ -254,6 +261,15 @@ def validate_config(c: Config) -> None:
         "must be in [1, prompts_per_iteration * group_size]",
     )
     need(c.lora_rank >= 1, "lora_rank", "must be >= 1")
+    need(c.guidance_scale >= 1, "guidance_scale", "must be >= 1 (1: no guidance)")
+    need(0 <= c.ema_decay < 1, "ema_decay", "must be in [0, 1)")
+    need(c.ema_every >= 1, "ema_every", "must be >= 1")
+    validate_run(c)
+
+
+def validate_run(c: Config) -> None:
+    """The model's limits, the reward spec, files, output and worker fields (see validate_config)."""
+    need = _checker(c)
     need(c.resolution >= 16 and c.resolution % 16 == 0, "resolution", "must be a multiple of 16")
     if c.model == "shapes":
         need(c.resolution == 64, "resolution", "the shapes model is 64 px")
@@ -264,8 +280,6 @@ def validate_config(c: Config) -> None:
         need(c.resolution <= top, "resolution", f"the tiny model's position embedding covers at most {top} px")
     need(c.reward_workers >= 0, "reward_workers", "must be >= 0 (0: score inline)")
     need(c.reward_threads >= 0, "reward_threads", "must be >= 0 (0: one per CPU core)")
-    need(0 <= c.ema_decay < 1, "ema_decay", "must be in [0, 1)")
-    need(c.ema_every >= 1, "ema_every", "must be >= 1")
     need(
         not c.tensorboard or bool(c.output_dir), "tensorboard", "needs --output_dir (logs go to output_dir/tensorboard)"
     )
@@ -290,7 +304,6 @@ def validate_config(c: Config) -> None:
     need(c.toy_modes >= 1, "toy_modes", "must be >= 1")
     need(c.toy_spread > 0, "toy_spread", "must be > 0")
     need(c.max_sequence_length >= 1, "max_sequence_length", "must be >= 1")
-    need(c.guidance_scale >= 1, "guidance_scale", "must be >= 1 (1: no guidance)")
     if c.prompt_file:
         import os
 
@@ -830,10 +843,14 @@ class SD3Backend:
         return _randn(shape, generator, self.device)  # (B, C, H, W)
 
     def velocity(self, x, sigma, cond, train=False):
-        """Guided velocity, float32: v_u + g (v_c - v_u), both branches in one batched forward.
+        """SD3 predicts the velocity: the guided output itself (see `guided`)."""
+        return self.guided(x, sigma, cond, train)
+
+    def guided(self, x, sigma, cond, train=False):
+        """The network's guided output, float32: o_u + g (o_c - o_u), both branches in one batched forward.
 
         The conditional branch alone at guidance 1, and in training when train_cfg is off
-        (Flow-GRPO's train.cfg = False). Training detaches v_u when cfg_detach_uncond.
+        (Flow-GRPO's train.cfg = False). Training detaches o_u when cfg_detach_uncond.
         """
         c = self.config
         guided = c.guidance_scale != 1 and (c.train_cfg or not train)
@@ -848,10 +865,10 @@ class SD3Backend:
         )[0].float()  # (2B|B, C, H, W)
         if not guided:
             return out  # (B, C, H, W)
-        v_uncond, v_cond = out.chunk(2)  # (B, C, H, W) each
+        o_uncond, o_cond = out.chunk(2)  # (B, C, H, W) each
         if train and c.cfg_detach_uncond:
-            v_uncond = v_uncond.detach()
-        return v_uncond + c.guidance_scale * (v_cond - v_uncond)  # (B, C, H, W)
+            o_uncond = o_uncond.detach()
+        return o_uncond + c.guidance_scale * (o_cond - o_uncond)  # (B, C, H, W)
 
     @torch.no_grad()
     def decode(self, x0):
@@ -926,23 +943,8 @@ class ShapesBackend(SD3Backend):
 
     def velocity(self, x, sigma, cond, train=False):
         """Guided x0 prediction turned into a velocity: v = (x - x0) / sigma (guiding x0 guides v alike)."""
-        c = self.config
-        guided = c.guidance_scale != 1 and (c.train_cfg or not train)
-        names = [("neg_embeds", "neg_pooled"), ("embeds", "pooled")] if guided else [("embeds", "pooled")]
-        sig = torch.as_tensor(sigma, dtype=torch.float32).expand(len(names) * x.shape[0])  # (2B|B,)
-        x0 = self.model(
-            hidden_states=torch.cat([x] * len(names)),
-            timestep=sig * 1000,
-            encoder_hidden_states=torch.cat([cond[e] for e, _ in names]),
-            pooled_projections=torch.cat([cond[p] for _, p in names]),
-            return_dict=False,
-        )[0]  # (2B|B, 3, H, W)
-        if guided:
-            x0_uncond, x0_cond = x0.chunk(2)
-            if train and c.cfg_detach_uncond:
-                x0_uncond = x0_uncond.detach()
-            x0 = x0_uncond + c.guidance_scale * (x0_cond - x0_uncond)  # (B, 3, H, W)
-        return (x - x0) / sig[: x.shape[0]].reshape(-1, 1, 1, 1)  # (B, 3, H, W)
+        x0 = self.guided(x, sigma, cond, train)  # (B, 3, H, W)
+        return (x - x0) / _per_sample(sigma, x)  # (B, 3, H, W)
 
     @torch.no_grad()
     def decode(self, x0):
@@ -1543,6 +1545,18 @@ def summary(history: list, config: Config, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def evaluate_run(backend, reward_fn, config: Config, weights, files, tag: str, step: int) -> float:
+    """Boilerplate: the run's evaluation (held-out prompts and noise, with `weights()` applied, in
+    chunks of a rank's rollout batch); its sample grid goes to `files`. Returns the mean reward."""
+    prompts, gen = backend.eval_prompts(config.eval_samples), make_generator(config.seed, 2)
+    chunk = config.prompts_per_iteration * config.group_size // rank_and_world()[1]
+    with weights():
+        mean, samples = evaluate(backend, reward_fn, prompts, config.eval_steps, gen, chunk)
+    if files:
+        files.samples(samples, tag, step)
+    return mean
+
+
 def train(config: Config, reward_fn=None) -> list[dict]:
     """Train the configured model with VGPO (or GRPO); returns one metrics dict per iteration.
 
@@ -1564,15 +1578,7 @@ def train(config: Config, reward_fn=None) -> list[dict]:
     files = RunFiles(config) if lead and config.output_dir else None
     checkpoint = os.path.join(config.output_dir, "checkpoint.pt") if files else ""
     weights = (lambda: ema.applied(backend.parameters())) if ema else contextlib.nullcontext
-
-    def run_eval(tag, step):
-        prompts, gen = backend.eval_prompts(config.eval_samples), make_generator(config.seed, 2)
-        chunk = config.prompts_per_iteration * config.group_size // rank_and_world()[1]  # a rank's rollout batch
-        with weights():
-            mean, samples = evaluate(backend, reward_fn, prompts, config.eval_steps, gen, chunk)
-        if files:
-            files.samples(samples, tag, step)
-        return mean
+    run_eval = functools.partial(evaluate_run, backend, reward_fn, config, weights, files)
 
     resume = os.path.join(config.resume, "checkpoint.pt") if config.resume else ""
     history = load_checkpoint(resume, backend, optimizer, config, ema) if resume else []
