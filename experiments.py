@@ -8,8 +8,13 @@
     python experiments.py overlap     # rewards scored inline vs in worker threads; OCR throughput
     python experiments.py gpu_check   # memory and time of the small-GPU preset (needs a GPU)
     python experiments.py curves DIR [DIR ...]  # training curves of runs, one PNG
+    python experiments.py shapes        # GRPO vs each part of VGPO on the shapes benchmark, resumable
+    python experiments.py shapes_report # its table and figure from the finished runs
+    python experiments.py shapes_grids  # base, GRPO and VGPO samples on the same prompts and noise
+    python experiments.py premise       # does the one-step projection predict the final reward?
 
-Each writes markdown (and a PNG for `methods`) into --out (default results/).
+Each writes markdown (and PNGs) into --out (default results/); `shapes` saves each finished run as
+results/shapes_runs/NAME.json (with its LoRA) and skips those already there.
 """
 
 from __future__ import annotations
@@ -213,6 +218,369 @@ def diagnostics(args) -> None:
     print(text)
 
 
+# ------------------------------------------------------------------------------------------------
+# Shapes (#13): GRPO vs each part of VGPO on images, TCRM's premise, step mismatch, collapse
+# ------------------------------------------------------------------------------------------------
+
+SHAPES_REWARDS = {"strict": "geneval_shapes", "partial": "geneval_shapes_partial"}
+
+
+def lora_state(backend) -> dict:
+    """The trainable (LoRA) tensors of a backend by name, float32 copies."""
+    return {n: p.detach().float().clone() for n, p in backend.model.named_parameters() if p.requires_grad}
+
+
+def load_lora(backend, path: str) -> None:
+    """Put a lora_state() file (safetensors) into a backend built with the same LoRA settings."""
+    from safetensors.torch import load_file
+
+    state, params = load_file(path), dict(backend.model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def shapes_final_evals(backend, config: vgpo.Config, strict) -> dict:
+    """The run's final policy on the held-out prompts and noise of its evaluations: strict accuracy
+    of ODE samples at 10, 20 and 40 steps and of SDE samples (the training sampler) at 10 steps."""
+    prompts = backend.eval_prompts(config.eval_samples)
+    out = {}
+    for steps in (10, 20, 40):
+        out[f"ode{steps}"] = vgpo.evaluate(backend, strict, prompts, steps, vgpo.make_generator(config.seed, 2))[0]
+    sigmas, gen = backend.sigmas(10), vgpo.make_generator(config.seed, 2)
+    batch = vgpo.rollout(backend, prompts, sigmas, config.noise_level, strict, gen, instant=False)
+    out["sde10"] = batch.rewards[:, -1]
+    by_category = {}
+    for category in shapes_categories(prompts):
+        idx = [i for i, p in enumerate(prompts) if shapes_category(p) == category]
+        by_category[category] = out["ode20"][idx].mean().item()
+    return {k: v.mean().item() for k, v in out.items()} | {"ode20_by_category": by_category}
+
+
+def shapes_category(prompt: str) -> str:
+    import shapes
+
+    return shapes.parse_prompt(prompt)[0]
+
+
+def shapes_categories(prompts) -> list:
+    return list(dict.fromkeys(shapes_category(p) for p in prompts))
+
+
+def shapes_run_name(reward: str, method: str, seed: int, overrides: dict) -> str:
+    extra = "".join(f"_{k}{v}" for k, v in sorted(overrides.items()) if k in ("kappa", "gamma"))
+    return f"{reward}_{method.replace(' ', '_')}{extra}_s{seed}"
+
+
+def shapes_run(job: tuple) -> dict:
+    """One shapes training run, resumable: the finished run is results/shapes_runs/NAME.json (a rerun
+    loads it); an unfinished one continues from runs/shapes/OUT/NAME/checkpoint.pt."""
+    reward, method, seed, overrides, out, threads = job
+    torch.set_num_threads(threads)
+    name = shapes_run_name(reward, method, seed, overrides)
+    path = os.path.join(out, "shapes_runs", name + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    run_dir = os.path.join("runs", "shapes", os.path.basename(os.path.normpath(out)), name)
+    resume = run_dir if os.path.exists(os.path.join(run_dir, "checkpoint.pt")) else ""
+    fields = {**METHODS[method], **overrides, "reward": SHAPES_REWARDS[reward], "eval_reward": "geneval_shapes"}
+    config = vgpo.Config(model="shapes", seed=seed, output_dir=run_dir, resume=resume, **fields)
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        history = vgpo.train(config)
+        backend, _, strict, optimizer = vgpo.setup(config)  # eval reward: geneval_shapes
+        vgpo.load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), backend, optimizer, config)
+        finals = shapes_final_evals(backend, config, strict)
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file({k: v.half().contiguous() for k, v in lora_state(backend).items()}, path[:-5] + ".lora.safetensors")
+    record = {
+        "reward": reward,
+        "method": method,
+        "seed": seed,
+        **overrides,
+        "iterations": config.iterations,
+        "eval_before": history[0]["eval_reward_before"],
+        "evals": [(h["iteration"] + 1, h["eval_reward"]) for h in history if h.get("eval_reward") is not None],
+        "final": finals,
+        "history": history,
+        "wall_s": time.perf_counter() - start,
+    }
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".tmp", path)
+    return record
+
+
+def shapes_jobs(args) -> list:
+    """The grid in the issue's priority order: five methods x 3 seeds on the strict reward; GRPO and
+    VGPO x 3 seeds on the partial reward; seeds 3-4 of the strict runs; then kappa and gamma."""
+    names = args.methods.split(",") if args.methods else list(METHODS)
+    base = {"iterations": args.iterations} if args.iterations else {}
+    jobs = [("strict", m, s, base) for s in range(3) for m in names]
+    jobs += [("partial", m, s, base) for s in range(3) for m in ("GRPO", "VGPO") if m in names]
+    jobs += [("strict", m, s, base) for s in range(3, args.seeds) for m in names]
+    if args.sweep:
+        jobs += [("strict", "VGPO", s, base | {"kappa": k}) for s in range(3) for k in (0.5, 2.0)]
+        jobs += [("strict", "VGPO", s, base | {"gamma": g}) for s in range(3) for g in (0.5, 0.99)]
+    return [(*job, args.out, max(1, torch.get_num_threads() // args.workers)) for job in jobs]
+
+
+def shapes(args) -> None:
+    """GRPO vs each part of VGPO on the shapes benchmark (the demo's preset, held-out strict accuracy),
+    run by run in the background: python experiments.py shapes; then python experiments.py shapes_report."""
+    from tqdm import tqdm
+
+    jobs = shapes_jobs(args)
+    with Pool(args.workers, maxtasksperchild=1) as pool:
+        for record in tqdm(pool.imap(shapes_run, jobs), total=len(jobs), desc="shapes runs"):
+            tqdm.write(f"{record['reward']} {record['method']} seed {record['seed']}: {record['final']}")
+    shapes_report(args)
+
+
+def load_shapes_runs(out: str) -> list:
+    import glob
+
+    runs = []
+    for path in sorted(glob.glob(os.path.join(out, "shapes_runs", "*.json"))):
+        with open(path) as f:
+            runs.append(json.load(f))
+    return runs
+
+
+def shapes_report(args) -> None:
+    """Table (shapes_methods.md) and figures (shapes_methods.png, shapes_grids.png) of the finished runs."""
+    runs = [r for r in load_shapes_runs(args.out) if "kappa" not in r and "gamma" not in r]
+    if not runs:
+        raise SystemExit(f"no finished runs in {args.out}/shapes_runs: run `python experiments.py shapes` first")
+    rows = [
+        "| reward | method | seeds | strict acc. ODE 20 (held-out) | ODE 10 | ODE 40 | SDE 10 | iters to eval 0.5 "
+        "| zero_std_ratio first / last 10 it. | adv_rel_abs / adv_anchor_abs | KL to ref | s / iter |",
+        "|---" * 12 + "|",
+    ]
+    for reward in dict.fromkeys(r["reward"] for r in runs):
+        for method in METHODS:
+            rs = [r for r in runs if r["reward"] == reward and r["method"] == method]
+            if not rs:
+                continue
+            reached = [next((i for i, e in r["evals"] if e >= 0.5), None) for r in rs]
+            zs = lambda r, part: statistics.mean(h["zero_std_ratio"] for h in part(r["history"]))  # noqa: E731
+            hist = [h for r in rs for h in r["history"]]
+            cells = [
+                str(len(rs)),
+                mean_std(r["final"]["ode20"] for r in rs),
+                mean_std(r["final"]["ode10"] for r in rs),
+                mean_std(r["final"]["ode40"] for r in rs),
+                mean_std(r["final"]["sde10"] for r in rs),
+                f"{mean_std(reached)} ({sum(x is not None for x in reached)}/{len(rs)})",
+                f"{mean_std(zs(r, lambda h: h[:10]) for r in rs)} / {mean_std(zs(r, lambda h: h[-10:]) for r in rs)}",
+                f"{statistics.mean(h['adv_rel_abs'] for h in hist):.2f} / "
+                f"{statistics.mean(h['adv_anchor_abs'] for h in hist):.2f}",
+                f"{statistics.mean(r['history'][-1]['kl_ref'] for r in rs):.1e}",
+                f"{statistics.mean(h['seconds'] for h in hist):.1f}",
+            ]
+            rows.append(f"| {reward} | {method} | " + " | ".join(cells) + " |")
+    before = mean_std(r["eval_before"] for r in runs)
+    text = (
+        "`python experiments.py shapes` then `python experiments.py shapes_report`: the shapes preset "
+        f"({runs[0]['iterations']} iterations), mean ± std over seeds; base model before training: {before}.\n\n"
+        + "\n".join(rows)
+        + "\n"
+    )
+    with open(os.path.join(args.out, "shapes_methods.md"), "w") as f:
+        f.write(text)
+    shapes_figure(runs, os.path.join(args.out, "shapes_methods.png"))
+    print(text)
+
+
+def shapes_figure(runs: list, path: str) -> None:
+    """Per reward: held-out strict accuracy (ODE) and zero_std_ratio over iterations, mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rewards_ = list(dict.fromkeys(r["reward"] for r in runs))
+    fig, axes = plt.subplots(len(rewards_), 2, figsize=(11, 3.6 * len(rewards_)), squeeze=False)
+    for row, reward in zip(axes, rewards_, strict=True):
+        for method in METHODS:
+            rs = [r for r in runs if r["reward"] == reward and r["method"] == method]
+            if not rs:
+                continue
+            xs = [0] + [i for i, _ in rs[0]["evals"]]
+            acc = torch.tensor([[r["eval_before"]] + [e for _, e in r["evals"]] for r in rs])
+            zero = torch.tensor([[h["zero_std_ratio"] for h in r["history"]] for r in rs])
+            for ax, x, y in ((row[0], xs, acc), (row[1], list(range(1, zero.shape[1] + 1)), zero)):
+                mean, std = y.mean(0), y.std(0, correction=0)
+                ax.plot(x, mean, label=f"{method} ({len(rs)})", lw=1.5)
+                ax.fill_between(x, mean - std, mean + std, alpha=0.15)
+        row[0].set(title=f"{reward} reward: held-out strict accuracy (ODE 20)", xlabel="iteration")
+        row[1].set(title=f"{reward} reward: zero_std_ratio (groups with one score)", xlabel="iteration")
+        for ax in row:
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def shapes_grids(args) -> None:
+    """Base, GRPO and VGPO (strict reward, seed 0) on the same held-out prompts and noise: one PNG."""
+    import rewards
+
+    config = vgpo.Config(model="shapes", seed=0)
+    backend = vgpo.build_backend(config)
+    strict = rewards.load_reward("geneval_shapes")
+    prompts = backend.eval_prompts(12)
+    panels = {"base": None}
+    for method in ("GRPO", "VGPO"):
+        panels[method] = os.path.join(args.out, "shapes_runs", f"strict_{method}_s0.lora.safetensors")
+    for name, path in panels.items():
+        if path and not os.path.exists(path):
+            raise SystemExit(f"{path} is missing: run `python experiments.py shapes` first")
+        if path:
+            load_lora(backend, path)
+        scores, samples = vgpo.evaluate(backend, strict, prompts, config.eval_steps, vgpo.make_generator(0, 2))
+        vgpo.save_samples(samples, os.path.join(args.out, f"shapes_grid_{name}.png"), prompts, scores, limit=12)
+        print(f"{name}: {scores.mean().item():.3f} on these 12 prompts")
+
+
+def premise_stats(instant, final, group_size: int) -> dict:
+    """How well step k's projected reward predicts the final one. instant (B, T), final (B,),
+    samples group-major. Per k: Pearson correlation over all samples; within groups (each group's
+    mean removed from both, as the group-relative advantage sees them); and the fraction of samples
+    whose within-group deviation has the final one's sign, among those with a nonzero final deviation."""
+
+    def pearson(a, b):
+        a, b = a - a.mean(), b - b.mean()
+        den = (a.square().sum() * b.square().sum()).sqrt()
+        return (a * b).sum().item() / den.item() if den > 0 else float("nan")
+
+    dev = lambda r: r - r.reshape(-1, group_size).mean(1).repeat_interleave(group_size)  # noqa: E731
+    d_final = dev(final)
+    mask = d_final != 0
+    out = {"corr": [], "corr_within": [], "sign_agree": []}
+    for k in range(instant.shape[1]):
+        d_k = dev(instant[:, k])
+        out["corr"].append(pearson(instant[:, k], final))
+        out["corr_within"].append(pearson(d_k, d_final))
+        agree = (torch.sign(d_k[mask]) == torch.sign(d_final[mask])).float()
+        out["sign_agree"].append(agree.mean().item() if mask.any() else float("nan"))
+    return out
+
+
+@torch.no_grad()
+def ode_completion_rewards(backend, batch, sigmas, reward_fns: dict, steps: int = 3) -> dict:
+    """DenseGRPO's alternative to the one-step projection: from each state x_k of a rollout, a
+    `steps`-step Euler ODE to sigma = 0, scored by each reward. Returns {name: (B, T-1)} for the
+    states after steps 1..T-1."""
+    out = {name: [] for name in reward_fns}
+    for k in range(1, len(sigmas) - 1):
+        x, sub = batch.latents[:, k], torch.linspace(float(sigmas[k]), 0.0, steps + 1)
+        for j in range(steps):
+            x = x + backend.velocity(x, sub[j], batch.cond) * (sub[j + 1] - sub[j])
+        images = backend.decode(x)
+        for name, fn in reward_fns.items():
+            out[name].append(fn(images, batch.prompts))
+    return {name: torch.stack(rows, 1) for name, rows in out.items()}
+
+
+def premise(args) -> None:
+    """TCRM's premise on images: per step, the projected reward vs the final reward, under the SDE
+    and the ODE, for the base model and the trained VGPO (strict, seed 0) policy; also a 3-step ODE
+    completion from the same states. Strict and partial rewards. Writes shapes_premise.{json,md,png}."""
+    import rewards
+
+    torch.set_num_threads(args.threads)
+    config = vgpo.Config(model="shapes", seed=0)
+    backend = vgpo.build_backend(config)
+    base = lora_state(backend)
+    trained_path = os.path.join(args.out, "shapes_runs", "strict_VGPO_s0.lora.safetensors")
+    policies = {"base": None} | ({"VGPO (strict, seed 0)": trained_path} if os.path.exists(trained_path) else {})
+    scorers = {n: rewards.load_reward(SHAPES_REWARDS[n]) for n in SHAPES_REWARDS}
+    sigmas = backend.sigmas(config.num_steps)
+    groups, G = args.premise_groups, config.group_size
+    prompts = [p for p in backend.prompts(groups, vgpo.make_generator(7, 0)) for _ in range(G)]  # as in training
+    results = {"sigmas": sigmas.tolist(), "groups": groups, "group_size": G, "runs": []}
+    for policy, path in policies.items():
+        with torch.no_grad():
+            for name, p in backend.model.named_parameters():
+                if name in base:
+                    p.copy_(base[name])
+        if path:
+            load_lora(backend, path)
+        for sampler, noise in (("SDE", config.noise_level), ("ODE", 0.0)):
+            strict_rows = []
+
+            def both(images, prompts, rows=strict_rows):  # partial for the rollout; strict kept, in step order
+                rows.append(scorers["strict"](images, prompts))
+                return scorers["partial"](images, prompts)
+
+            batch = vgpo.rollout(backend, prompts, sigmas, noise, both, vgpo.make_generator(7, 1), instant=True)
+            instants = {"partial": batch.rewards, "strict": torch.stack(strict_rows, 1)}  # (B, T) each
+            completions = ode_completion_rewards(backend, batch, sigmas, scorers) if sampler == "SDE" else {}
+            for reward, instant in instants.items():
+                stats = premise_stats(instant, instant[:, -1], G)
+                record = {"policy": policy, "sampler": sampler, "reward": reward, "estimate": "one-step projection"}
+                results["runs"].append(record | stats | {"mean_final": instant[:, -1].mean().item()})
+                if reward in completions:
+                    full = torch.cat([completions[reward], instant[:, -1:]], 1)  # (B, T): the last is final
+                    stats = premise_stats(full, instant[:, -1], G)
+                    record = record | {"estimate": "3-step ODE completion"}
+                    results["runs"].append(record | stats)
+    with open(os.path.join(args.out, "shapes_premise.json"), "w") as f:
+        json.dump(results, f)
+    premise_report(results, args.out)
+
+
+def premise_report(results: dict, out: str) -> None:
+    """Markdown table and figure of premise()'s results."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sig = results["sigmas"][1:]  # the sigma of the state after each step
+    rows = [
+        "| policy | sampler | reward | estimate | "
+        + " | ".join(f"k={k + 1} (σ {s:.3f})" for k, s in enumerate(sig))
+        + " |",
+        "|---" * (4 + len(sig)),
+    ]
+    for r in results["runs"]:
+        for key in ("corr_within", "sign_agree"):
+            cells = " | ".join("–" if v != v else f"{v:.2f}" for v in r[key])
+            rows.append(f"| {r['policy']} | {r['sampler']} | {r['reward']} | {r['estimate']}: {key} | {cells} |")
+    text = (
+        f"`python experiments.py premise`: {results['groups']} training prompts x {results['group_size']} samples, "
+        "10 steps; for each step k, the reward of the state after step k (its one-step projection, or a 3-step "
+        "ODE completion) against the final reward. corr_within: Pearson correlation after removing each "
+        "group's mean; sign_agree: fraction of samples whose within-group deviation at k has the final "
+        "deviation's sign (samples with a nonzero final deviation). The last step is the final reward itself.\n\n"
+        + "\n".join(rows)
+        + "\n"
+    )
+    with open(os.path.join(out, "shapes_premise.md"), "w") as f:
+        f.write(text)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for ax, key in zip(axes, ("corr", "corr_within", "sign_agree"), strict=True):
+        for r in results["runs"]:
+            if r["reward"] != "strict" and key != "corr_within":
+                continue
+            style = "--" if r["estimate"] != "one-step projection" else "-"
+            label = f"{r['policy']}, {r['sampler']}, {r['reward']}" + (", ODE completion" if style == "--" else "")
+            ax.plot(sig, r[key], style, marker=".", label=label)
+        ax.set(title=key, xlabel="sigma of the state (noise -> data)", xlim=(1, 0))
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "shapes_premise.png"), dpi=110)
+    plt.close(fig)
+    print(text)
+
+
 def render_text(text: str, size: int = 256) -> torch.Tensor:
     """Black text on white, drawn with PIL's default font: (3, size, size) in [0, 1]."""
     import numpy as np
@@ -237,14 +605,14 @@ def shapes_batch(n: int, size: int, seed: int = 0):
 
 def reward_cost(args) -> None:
     """Milliseconds per image of the offline rewards: 8 images with rendered text per size, and
-    64 random shapes scenes at 64 px for the GenEval-style rewards."""
+    64 random shapes scenes at the model's 48 px for the GenEval-style rewards."""
     import rewards
 
     rows = ["| reward | image side | ms / image | mean reward |", "|---|---|---|---|"]
     for name in rewards.OFFLINE_REWARDS:
         fn = rewards.load_reward(name)
         shapes_reward = name.startswith("geneval_shapes")
-        for size in (64,) if shapes_reward else (256, 512):
+        for size in (48,) if shapes_reward else (256, 512):
             if shapes_reward:
                 images, prompts = shapes_batch(64, size)
             else:
@@ -315,7 +683,7 @@ def benchmark_iteration(config: vgpo.Config, repeats: int, backend=None, reward_
     inner.config = config
     backend = CountingBackend(inner)
     name = getattr(reward_fn, "__name__", config.reward)
-    reward = backend.counted_reward(vgpo.checked_reward(reward_fn or backend.default_reward(), name))
+    reward = backend.counted_reward(vgpo.checked_reward(reward_fn or backend.load_reward(config.reward), name))
     optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
     sigmas, phases = backend.sigmas(config.num_steps), {"rollout": 0.0, "update": 0.0}
     originals = {"rollout": vgpo.rollout, "update": vgpo.policy_update}
@@ -571,11 +939,24 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "what",
-        choices=["methods", "sweep", "diagnostics", "reward_cost", "benchmark", "overlap", "gpu_check", "curves"],
+        choices=[
+            "methods",
+            "sweep",
+            "diagnostics",
+            "reward_cost",
+            "benchmark",
+            "overlap",
+            "gpu_check",
+            "curves",
+            "shapes",
+            "shapes_report",
+            "shapes_grids",
+            "premise",
+        ],
     )
     parser.add_argument("runs", nargs="*", help="curves: run directories (each with a metrics.jsonl)")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--iterations", type=int, default=vgpo.PRESETS["toy"]["iterations"])
+    parser.add_argument("--iterations", type=int, default=None, help="methods, sweep: toy iterations; shapes: preset's")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--methods", default="", help="methods: a comma-separated subset of METHODS")
     parser.add_argument("--kappa", type=float, default=None, help="methods: kappa of the methods with an anchor")
@@ -588,8 +969,13 @@ def main(argv=None):
     parser.add_argument("--decode_batch", type=int, default=None, help="gpu_check: images per VAE decode call")
     parser.add_argument("--skip_resident", action="store_true", help="gpu_check: offloaded text encoders only")
     parser.add_argument("--memory_cap_gib", type=float, default=0, help="gpu_check: act as a card of this size")
+    parser.add_argument("--sweep", action="store_true", help="shapes: also kappa 0.5, 2 and gamma 0.5, 0.99 (VGPO)")
+    parser.add_argument("--threads", type=int, default=2, help="premise: torch threads")
+    parser.add_argument("--premise_groups", type=int, default=16, help="premise: prompts (groups of the preset's G)")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
+    if args.iterations is None and args.what in ("methods", "sweep", "diagnostics"):
+        args.iterations = vgpo.PRESETS["toy"]["iterations"]
     os.makedirs(args.out, exist_ok=True)
     commands = dict(
         methods=methods,
@@ -600,6 +986,10 @@ def main(argv=None):
         overlap=overlap,
         gpu_check=gpu_check,
         curves=curves,
+        shapes=shapes,
+        shapes_report=shapes_report,
+        shapes_grids=shapes_grids,
+        premise=premise,
     )
     commands[args.what](args)
 

@@ -177,26 +177,29 @@ CATEGORIES = ("single object", "counting", "two objects", "position")
 
 
 # ------------------------------------------------------------------------------------------------
-# Model: a small MMDiT (diffusers' SD3Transformer2DModel) on 64 px RGB pixels, a word-level text
+# Model: a small MMDiT (diffusers' SD3Transformer2DModel) on 48 px RGB pixels, a word-level text
 # encoder, flow-matching pretraining (predicting the clean image), held-out evaluation
 # ------------------------------------------------------------------------------------------------
 
-SIZE = 64  # the reward reads 12 %-side shapes reliably from 64 px up (README)
+# 48 px, patch 4: 144 tokens of 4 x 4 pixels. Measured (README): patch 8 at 64 px (64 tokens) trained
+# 6000 steps drew 8 x 8 blocks, not shapes; patch 4 at 64 px costs 3.2x a step of 48 px; the reward
+# judges 97.8 % of random 48 px renders right (99.9 % at 64 px, 84.8 % at 32 px).
+SIZE = 48
 VOCAB = ["<pad>", "<empty>", "a", "an", "photo", "of", "and", "left", "right", "above", "below"]
 VOCAB += list(COLORS) + list(SHAPES) + [s + "s" for s in SHAPES] + list(NUMBERS)
 MAX_WORDS = 12
 MODEL = dict(
     sample_size=SIZE,
-    patch_size=8,
+    patch_size=4,
     in_channels=3,
     out_channels=3,
     num_layers=4,
     attention_head_dim=32,
-    num_attention_heads=4,
+    num_attention_heads=3,  # width 96
     joint_attention_dim=64,
-    caption_projection_dim=128,
+    caption_projection_dim=96,
     pooled_projection_dim=64,
-    pos_embed_max_size=SIZE // 8,
+    pos_embed_max_size=SIZE // 4,
 )
 
 
@@ -318,26 +321,45 @@ def evaluate(transformer, encoder, per_category: int = 32, steps: int = 20, seed
     return out
 
 
-def pretrain(steps: int, path: str, seed: int = 0, batch: int = 64, lr: float = 5e-4, eval_every: int = 500):
+def pretrain(
+    steps: int,
+    path: str,
+    seed: int = 0,
+    batch: int = 64,
+    lr: float = 1e-3,
+    eval_every: int = 1000,
+    ema_decay: float = 0.999,
+):
     """Flow matching on random scenes (training combinations), 10 % empty prompts for guidance; the
-    network predicts the clean image (x0), loss = MSE on x0. Every `eval_every` steps (0: never)
+    network predicts the clean image (x0), loss = MSE on x0, sigma logit-normal (SD3's sampling of
+    training noise levels). AdamW with 200 warm-up steps and a cosine decay to lr / 10; the EMA of
+    the weights (`ema_decay`) is what is evaluated and saved. Every `eval_every` steps (0: never)
     evaluates held-out strict accuracy; saves fp16 safetensors to `path` then and at the end, and
     logs JSON lines to path + '.log.jsonl'."""
+    import copy
     import json
+    import math
     import time
 
     from safetensors.torch import save_file
+    from tqdm.auto import tqdm
 
     transformer, encoder = build_model(seed)
     params = list(transformer.parameters()) + list(encoder.parameters())
+    ema_transformer, ema_encoder = copy.deepcopy(transformer).eval(), copy.deepcopy(encoder).eval()
+    ema_params = list(ema_transformer.parameters()) + list(ema_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = 200
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+    )
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     held = {p for c in ("two objects", "position") for p in held_out_prompts()[c]}
     start, log = time.perf_counter(), open(path + ".log.jsonl", "a")
-    for step in range(1, steps + 1):
+    for step in tqdm(range(1, steps + 1), desc="pretrain", dynamic_ncols=True):
         x0, prompts = training_batch(batch, rng, held)  # (B, 3, H, W)
         prompts = ["" if rng.random() < 0.1 else p for p in prompts]
-        sigma = torch.rand(batch, generator=gen)  # (B,)
+        sigma = torch.sigmoid(torch.randn(batch, generator=gen))  # (B,), logit-normal(0, 1)
         x1 = torch.randn(x0.shape, generator=gen)
         s = sigma[:, None, None, None]
         pred = predict_x0(transformer, (1 - s) * x0 + s * x1, sigma, *encoder(tokenize(prompts)))
@@ -346,14 +368,18 @@ def pretrain(steps: int, path: str, seed: int = 0, batch: int = 64, lr: float = 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        schedule.step()
+        with torch.no_grad():
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
         if (eval_every and step % eval_every == 0) or step == steps:
             record = {"step": step, "loss": loss.item(), "minutes": (time.perf_counter() - start) / 60}
-            record |= evaluate(transformer, encoder) if eval_every else {}
+            record |= evaluate(ema_transformer, ema_encoder) if eval_every else {}
             log.write(json.dumps(record) + "\n")
             log.flush()
-            print(json.dumps(record), flush=True)
-            state = {f"transformer.{k}": v.half() for k, v in transformer.state_dict().items()}
-            state |= {f"encoder.{k}": v.half() for k, v in encoder.state_dict().items()}
+            tqdm.write(json.dumps(record))
+            state = {f"transformer.{k}": v.half() for k, v in ema_transformer.state_dict().items()}
+            state |= {f"encoder.{k}": v.half() for k, v in ema_encoder.state_dict().items()}
             save_file({k: v.contiguous() for k, v in state.items()}, path)
 
 
@@ -372,9 +398,9 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Pretrain the shapes model by flow matching (CPU).")
-    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--out", default="shapes_base.safetensors")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval_every", type=int, default=500)
+    parser.add_argument("--eval_every", type=int, default=1000)
     args = parser.parse_args()
     pretrain(args.steps, args.out, args.seed, eval_every=args.eval_every)

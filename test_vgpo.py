@@ -163,7 +163,7 @@ def test_loss_gradient_vanishes_where_the_clip_is_active():
 def test_tcrm_reuses_the_samplers_velocity(instant):
     config = vgpo.toy_config(toy_pretrain_steps=200)
     backend = experiments.CountingBackend(vgpo.ToyBackend(config))
-    reward = backend.default_reward()
+    reward = backend.load_reward(config.reward)
     counted = backend.counted_reward(reward)
     sigmas = backend.sigmas(10)
     batch = vgpo.rollout(backend, [0, 1] * 4, sigmas, 0.7, counted, torch.Generator().manual_seed(0), instant)
@@ -374,7 +374,7 @@ def tiny_config(**overrides):
 
 def counted_iteration(config):
     backend = experiments.CountingBackend(vgpo.build_backend(config))
-    counted = backend.counted_reward(vgpo.checked_reward(backend.default_reward(), config.reward))
+    counted = backend.counted_reward(vgpo.checked_reward(backend.load_reward(config.reward), config.reward))
     optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
     sigmas = backend.sigmas(config.num_steps)
     with torch.no_grad():
@@ -446,7 +446,7 @@ def test_lora_saved_in_diffusers_format_reproduces_the_trained_policy(tmp_path):
     config = tiny_config(iterations=2, lr=0.05, output_dir=str(tmp_path))
     backend = vgpo.build_backend(config)
     optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
-    reward = backend.default_reward()
+    reward = backend.load_reward(config.reward)
     for it in range(2):
         vgpo.train_iteration(backend, reward, optimizer, backend.sigmas(10), config, it)
     backend.save(str(tmp_path / "lora"))
@@ -768,7 +768,7 @@ def test_kl_to_reference_accepts_a_float_std():
 
 def _count_optimizer_steps(config):
     backend = vgpo.build_backend(config)
-    reward = vgpo.checked_reward(backend.default_reward(), config.reward)
+    reward = vgpo.checked_reward(backend.load_reward(config.reward), config.reward)
     optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
     steps = []
     optimizer.register_step_post_hook(lambda *args: steps.append(1))
@@ -1051,6 +1051,30 @@ def _near_misses(rng):
     return pairs
 
 
+def test_geneval_shapes_judges_the_models_48_px_nearly_always_right():
+    # the model's side: measured 97.8 % of 2000 random 48 px renders judged right (small triangles
+    # read as circles); 200 here, binomial spread ~1 %
+    rng = np.random.default_rng(1)
+    scenes = [shapes.random_scene(shapes.CATEGORIES[i % 4], rng) for i in range(200)]
+    images = _as_batch([shapes.render(s, shapes.SIZE, rng) for s in scenes])
+    strict = rewards.load_reward("geneval_shapes")(images, [shapes.prompt_of(s) for s in scenes])
+    assert strict.mean() >= 0.95, strict.mean()
+
+
+def test_premise_stats_against_hand_computed_cases():
+    final = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5])  # two groups of 3
+    same = experiments.premise_stats(final[:, None].repeat(1, 2), final, 3)
+    assert same["corr_within"] == pytest.approx([1.0, 1.0]) and same["sign_agree"] == [1.0, 1.0]
+    # group 1 deviations of the final: (2/3, -1/3, -1/3); group 2: (1/3, -1/6, -1/6)
+    flipped = torch.tensor([0.0, 1.0, 1.0, 1.0, 0.5, 0.5])  # group 1 reversed, group 2 right
+    stats = experiments.premise_stats(flipped[:, None], final, 3)
+    assert stats["sign_agree"] == [0.5]  # 3 of 6 samples agree
+    d_k = torch.tensor([-2 / 3, 1 / 3, 1 / 3, 1 / 3, -1 / 6, -1 / 6])
+    d_f = torch.tensor([2 / 3, -1 / 3, -1 / 3, 1 / 3, -1 / 6, -1 / 6])
+    expected = (d_k @ d_f / (d_k.norm() * d_f.norm())).item()  # both have zero mean already
+    assert stats["corr_within"][0] == pytest.approx(expected) and expected == pytest.approx(-0.6)
+
+
 def test_geneval_shapes_near_misses_score_zero_strict_and_below_one_partial():
     rng = np.random.default_rng(2)
     pairs = _near_misses(rng)
@@ -1080,7 +1104,7 @@ def test_shapes_model_pretrains_saves_loads_and_samples(tmp_path):
         p.requires_grad for p in encoder.parameters()
     )
     images = shapes.sample(transformer, encoder, ["a photo of two red circles", ""], steps=2)
-    assert images.shape == (2, 3, 64, 64) and 0 <= images.min() and images.max() <= 1
+    assert images.shape == (2, 3, shapes.SIZE, shapes.SIZE) and 0 <= images.min() and images.max() <= 1
     with pytest.raises(ValueError, match="not in the shapes vocabulary"):
         shapes.tokenize(["a photo of a purple circle"])
     held = shapes.held_out_prompts()
@@ -1103,7 +1127,7 @@ def test_shapes_backend_reuses_the_samplers_velocity_and_trains(shapes_weights):
             **vgpo.PRESETS[method],
         )  # fmt: skip
         backend = experiments.CountingBackend(vgpo.build_backend(config))
-        reward = backend.counted_reward(vgpo.checked_reward(backend.default_reward(), config.reward))
+        reward = backend.counted_reward(vgpo.checked_reward(backend.load_reward(config.reward), config.reward))
         optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
         record = vgpo.train_iteration(backend, reward, optimizer, backend.sigmas(4), config, 0)
         counts[method] = backend.calls
@@ -1112,6 +1136,8 @@ def test_shapes_backend_reuses_the_samplers_velocity_and_trains(shapes_weights):
     assert (counts["vgpo"]["decode"], counts["grpo"]["decode"]) == (4, 1)
     backend = vgpo.build_backend(config)
     assert not set(backend.train_prompts) & set(shapes.held_out_prompts()["position"])
+    drawn = backend.prompts(12, vgpo.make_generator(0, 1))  # category-balanced, distinct within a category
+    assert [shapes.parse_prompt(p)[0] for p in drawn] == list(shapes.CATEGORIES) * 3 and len(set(drawn)) == 12
     cond = backend.encode(["a photo of a red circle"] * 2)
     x, sigma = backend.noise(2, torch.Generator().manual_seed(0)), 0.6
     with torch.no_grad():  # the projection x - sigma v is the guided x0 prediction itself
@@ -1126,10 +1152,27 @@ def test_shapes_backend_reuses_the_samplers_velocity_and_trains(shapes_weights):
 
 
 def test_shipped_shapes_weights_reach_the_stated_base_accuracy():
-    # README: 0.31 strict overall on 4 x 128 held-out samples (20 ODE steps, guidance 4.5); on 4 x 16
-    # the binomial spread is ~0.06, and another CPU's rounding can flip a sample or two
+    # README: 0.18 strict overall on 4 x 128 held-out samples (20 ODE steps, guidance 4.5, seed 1);
+    # here 4 x 16 with seed 0 (0.27 on this machine): binomial std ~0.05, and another CPU's rounding
+    # can flip a sample or two, so the band is about +-2 std around both
     transformer, encoder = shapes.load(
         os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_base.safetensors")
     )
     accuracy = shapes.evaluate(transformer, encoder, per_category=16, steps=20)
-    assert 0.15 <= accuracy["overall"] <= 0.5, accuracy
+    assert 0.08 <= accuracy["overall"] <= 0.4, accuracy
+
+
+def test_eval_reward_scores_evaluations_and_not_training():
+    # Before any update the model is the same, so the evaluation with eval_reward="toy_region"
+    # must equal a run trained on toy_region, and differ from one evaluated on toy_mode; the
+    # rollout rewards (training) follow `reward` alone.
+    small = dict(toy_pretrain_steps=200, iterations=1, eval_samples=256)
+    mode = vgpo.train(vgpo.toy_config(reward="toy_mode", **small))[0]
+    region = vgpo.train(vgpo.toy_config(reward="toy_region", **small))[0]
+    mixed = vgpo.train(vgpo.toy_config(reward="toy_mode", eval_reward="toy_region", **small))[0]
+    assert mixed["eval_reward_before"] == region["eval_reward_before"] != mode["eval_reward_before"]
+    assert mixed["reward_mean"] == mode["reward_mean"] != region["reward_mean"]
+    with pytest.raises(vgpo.ConfigError, match="eval_reward"):
+        vgpo.toy_config(eval_reward="ocr")
+    with pytest.raises(vgpo.ConfigError, match="eval_reward"):
+        vgpo.Config(model="shapes", eval_reward="geneval")

@@ -71,6 +71,7 @@ class Config:
     # run
     model: str = "toy"  # toy | shapes | tiny | random-sd3.5-medium (random weights, offline) | hub id | directory
     reward: str = ""  # toy_mode|toy_region (toy), or a rewards.py spec "ocr:1,pickscore:0.5"; "": toy_mode|ocr
+    eval_reward: str = ""  # the evaluations' reward (same specs); "": the training reward
     seed: int = 0  # seeds every torch.Generator of the run
     iterations: int = 100  # rollout + update rounds
     prompts_per_iteration: int = 8  # N, prompts (groups) per rollout batch
@@ -185,15 +186,21 @@ PRESETS = {
         lora_alpha=8,
         ema=False,  # random weights: nothing to smooth, one copy less
     ),
-    "shapes": dict(  # provisional: the model's needs only, not yet calibrated for the demo
-        resolution=64,  # the model's and the reward's side
-        shift=1.0,  # pixel space at 64 px: SD3's shift 3 is for 1024 px latents
-        reward="geneval_shapes",
-        eval_steps=20,
-        eval_samples=128,
-        lora_rank=8,
+    "shapes": dict(  # the CPU image demo (README "Shapes"): ~6 minutes on 2 cores
+        resolution=48,  # the model's side (shapes.SIZE)
+        shift=1.0,  # pixel space at 48 px: SD3's shift 3 is for 1024 px latents
+        reward="geneval_shapes",  # GenEval's strict score: the benchmark's point is a binary reward
+        iterations=40,  # ~9 s each here
+        group_size=8,  # paper: 24; a CPU iteration of 8 x 24 would take ~27 s
+        timestep_fraction=0.5,  # the 5 steps with sigma >= 0.6, where the layout forms; paper: 0.99
+        lr=3e-3,  # paper: 3e-4; measured here: 1e-3 and 3e-3 both within eval noise in 40 iterations
+        lora_rank=8,  # width 96: rank 32 would be a third of it
         lora_alpha=16,
-        ema=False,
+        eval_steps=20,  # paper: 40; README measures 10, 20 and 40 on the trained policies
+        eval_samples=128,  # held-out prompts, categories interleaved; binomial std ~0.04 at 0.2
+        eval_every=10,
+        ema=False,  # as the toy: the trained weights are what is measured
+        output_dir="runs/shapes",  # sample grids with prompts and rewards: samples_before.png, samples_00040.png
     ),
     "grpo": dict(dense_values=False, kappa=0.0),  # Flow-GRPO's advantage, same trainer
     "vgpo": dict(dense_values=True),
@@ -272,7 +279,7 @@ def validate_run(c: Config) -> None:
     need = _checker(c)
     need(c.resolution >= 16 and c.resolution % 16 == 0, "resolution", "must be a multiple of 16")
     if c.model == "shapes":
-        need(c.resolution == 64, "resolution", "the shapes model is 64 px")
+        need(c.resolution == 48, "resolution", "the shapes model is 48 px")
     if c.model == "tiny":
         import tiny
 
@@ -309,15 +316,17 @@ def validate_run(c: Config) -> None:
 
         need(os.path.isfile(c.prompt_file), "prompt_file", "no such file")
         need(any(line.strip() for line in open(c.prompt_file, encoding="utf-8")), "prompt_file", "file has no prompt")
-    if c.model == "toy":
-        need(c.reward in TOY_REWARDS, "reward", f"the toy's rewards are {sorted(TOY_REWARDS)}")
-    else:
-        import rewards
+    for field in ("reward", "eval_reward") if c.eval_reward else ("reward",):
+        spec = getattr(c, field)
+        if c.model == "toy":
+            need(spec in TOY_REWARDS, field, f"the toy's rewards are {sorted(TOY_REWARDS)}")
+        else:
+            import rewards
 
-        try:
-            rewards.parse_spec(c.reward)
-        except ValueError as err:
-            raise ConfigError("reward", c.reward, str(err)) from None
+            try:
+                rewards.parse_spec(spec)
+            except ValueError as err:
+                raise ConfigError(field, spec, str(err)) from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -543,6 +552,8 @@ def sigma_schedule(num_steps: int, shift: float, scheduler_config=None) -> torch
 def draw_prompts(pool: list, n: int, generator) -> list:
     """n prompts from `pool`, distinct while the pool has enough (Flow-GRPO's sampler, decision 11):
     whole random permutations of the pool, concatenated, cut to n."""
+    if n == 0:
+        return []
     order = torch.cat([torch.randperm(len(pool), generator=generator) for _ in range(math.ceil(n / len(pool)))])
     return [pool[i] for i in order[:n]]
 
@@ -659,11 +670,11 @@ class ToyBackend:
         self.model = add_lora(net, config.lora_rank, config.lora_alpha, targets, config.seed).eval()
         self.device = torch.device("cpu")
 
-    def default_reward(self):
+    def load_reward(self, spec: str, field: str = "reward"):
         c = self.config
-        if c.reward not in TOY_REWARDS:
-            raise ConfigError("reward", c.reward, f"the toy's rewards are {sorted(TOY_REWARDS)}")
-        return TOY_REWARDS[c.reward](c.toy_conditions, c.toy_modes)
+        if spec not in TOY_REWARDS:
+            raise ConfigError(field, spec, f"the toy's rewards are {sorted(TOY_REWARDS)}")
+        return TOY_REWARDS[spec](c.toy_conditions, c.toy_modes)
 
     def sigmas(self, num_steps):
         return sigma_schedule(num_steps, self.config.shift)
@@ -803,10 +814,10 @@ class SD3Backend:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def default_reward(self):
+    def load_reward(self, spec: str, field: str = "reward"):
         import rewards
 
-        return rewards.load_reward(self.config.reward, self.device, self.config.reward_threads)
+        return rewards.load_reward(spec, self.device, self.config.reward_threads)
 
     def sigmas(self, num_steps):
         return sigma_schedule(num_steps, self.config.shift, self.pipe.scheduler.config)
@@ -898,7 +909,7 @@ class SD3Backend:
         )
 
 
-# --- shapes: a small MMDiT on 64 px scenes (shapes.py), predicting x0, guided --------------------
+# --- shapes: a small MMDiT on 48 px scenes (shapes.py), predicting x0, guided --------------------
 
 
 class ShapesBackend(SD3Backend):
@@ -924,6 +935,14 @@ class ShapesBackend(SD3Backend):
         held = shapes.held_out_prompts()  # evaluation: the categories interleaved
         self.held_out = [p for group in itertools.zip_longest(*held.values()) for p in group if p]
         self.train_prompts = sorted(set(shapes.all_prompts()) - set(held["two objects"] + held["position"]))
+        self.by_category = {c: [p for p in self.train_prompts if shapes.parse_prompt(p)[0] == c] for c in held}
+
+    def prompts(self, n, generator):
+        """Category-balanced, as the evaluation: the i-th prompt from category i mod 4, drawn without
+        repeats within a category (72 % of the grammar's training prompts are positions)."""
+        cats = list(self.by_category)
+        per = {c: draw_prompts(self.by_category[c], len(range(i, n, len(cats))), generator) for i, c in enumerate(cats)}
+        return [per[cats[i % len(cats)]][i // len(cats)] for i in range(n)]
 
     def sigmas(self, num_steps):
         return sigma_schedule(num_steps, self.config.shift)
@@ -1042,7 +1061,7 @@ def rollout(backend, prompts, sigmas, noise_level, reward_fn, generator, instant
 def evaluate(backend, reward_fn, prompts, num_steps, generator, chunk=64):
     """Mean reward of ODE samples (noise level 0: Eq. 7 reduces to Euler), in chunks.
 
-    Returns the mean reward and the decoded samples of the first chunk.
+    Returns every sample's reward (B,) and the decoded samples of the first chunk.
     """
     sigmas = backend.sigmas(num_steps)
     scores, first = [], None
@@ -1054,7 +1073,7 @@ def evaluate(backend, reward_fn, prompts, num_steps, generator, chunk=64):
         samples = backend.decode(x)
         first = samples if first is None else first
         scores.append(reward_fn(samples, p))
-    return torch.cat(scores).mean().item(), first
+    return torch.cat(scores), first  # (B,), (chunk, ...)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1272,13 +1291,39 @@ def image_grid(samples):
     return grid  # (3, H', W')
 
 
-def save_samples(samples, path: str) -> None:
-    """Boilerplate: a PNG grid of decoded images (B, 3, H, W) in [0, 1]; other samples are skipped."""
-    grid = image_grid(samples)
-    if grid is not None:
+def save_samples(samples, path: str, prompts=None, scores=None, limit: int = 24) -> None:
+    """Boilerplate: a PNG grid of decoded images (B, 3, H, W) in [0, 1]; other samples are skipped.
+    With prompts (and scores), the first `limit` images, each under its prompt and reward."""
+    if samples is None or samples.ndim != 4:
+        return
+    if prompts is None:
         from PIL import Image
 
+        grid = image_grid(samples)
         Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+        return
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(limit, len(samples))
+    cols = min(6, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.3 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(samples[i].float().cpu().permute(1, 2, 0).numpy(), interpolation="nearest")
+            title = textwrap.fill(prompts[i].removeprefix("a photo of "), 24)
+            if scores is not None:
+                title += f"\nreward {float(scores[i]):.2f}"
+            ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 class EMA:
@@ -1478,14 +1523,17 @@ class StopSignal:
 
 
 def setup(config: Config, reward_fn=None):
-    """The backend, the checked reward and AdamW (Flow-GRPO's settings) for a run."""
+    """The backend, the checked training and evaluation rewards and AdamW (Flow-GRPO's settings)."""
     backend = build_backend(config)
     name = getattr(reward_fn, "__name__", "reward_fn") if reward_fn else config.reward
-    reward_fn = checked_reward(reward_fn or backend.default_reward(), name)
+    reward_fn = checked_reward(reward_fn or backend.load_reward(config.reward), name)
+    eval_fn = reward_fn
+    if config.eval_reward:
+        eval_fn = checked_reward(backend.load_reward(config.eval_reward, "eval_reward"), config.eval_reward)
     optimizer = torch.optim.AdamW(
         backend.parameters(), lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay, eps=1e-8
     )
-    return backend, reward_fn, optimizer
+    return backend, reward_fn, eval_fn, optimizer
 
 
 class RunFiles:
@@ -1511,10 +1559,10 @@ class RunFiles:
                     self.writer.add_scalar(key, value, record["iteration"] + 1)
             self.writer.flush()
 
-    def samples(self, samples, tag: str, step: int) -> None:
+    def samples(self, samples, tag: str, step: int, prompts=None, scores=None) -> None:
         import os
 
-        save_samples(samples, os.path.join(self.dir, f"samples_{tag}.png"))
+        save_samples(samples, os.path.join(self.dir, f"samples_{tag}.png"), prompts, scores)
         grid = image_grid(samples)
         if self.writer and grid is not None:
             self.writer.add_image("eval_samples", grid, step)
@@ -1542,6 +1590,8 @@ def summary(history: list, config: Config, seconds: float) -> str:
         lines.append(f"best eval reward {best[1]:.4f} at iteration {best[0]}")
     if config.output_dir:
         lines.append(f"files in {config.output_dir}: metrics.jsonl, curves.png, samples_*.png, lora/, checkpoint.pt")
+        if evals:
+            lines.append(f"sample grids before -> after: samples_before.png -> samples_{evals[-1][0]:05d}.png")
     return "\n".join(lines)
 
 
@@ -1551,10 +1601,11 @@ def evaluate_run(backend, reward_fn, config: Config, weights, files, tag: str, s
     prompts, gen = backend.eval_prompts(config.eval_samples), make_generator(config.seed, 2)
     chunk = config.prompts_per_iteration * config.group_size // rank_and_world()[1]
     with weights():
-        mean, samples = evaluate(backend, reward_fn, prompts, config.eval_steps, gen, chunk)
+        scores, samples = evaluate(backend, reward_fn, prompts, config.eval_steps, gen, chunk)
     if files:
-        files.samples(samples, tag, step)
-    return mean
+        captions = prompts if isinstance(prompts[0], str) else None  # the toy's prompts are indices
+        files.samples(samples, tag, step, captions, scores)
+    return scores.mean().item()
 
 
 def train(config: Config, reward_fn=None) -> list[dict]:
@@ -1572,13 +1623,13 @@ def train(config: Config, reward_fn=None) -> list[dict]:
 
     start = time.perf_counter()
     owns_group = init_distributed(config)
-    backend, reward_fn, optimizer = setup(config, reward_fn)
+    backend, reward_fn, eval_fn, optimizer = setup(config, reward_fn)
     ema = EMA(backend.parameters(), config.ema_decay, config.ema_every) if config.ema else None
     sigmas, lead = backend.sigmas(config.num_steps), rank_and_world()[0] == 0  # sigmas: (T+1,)
     files = RunFiles(config) if lead and config.output_dir else None
     checkpoint = os.path.join(config.output_dir, "checkpoint.pt") if files else ""
     weights = (lambda: ema.applied(backend.parameters())) if ema else contextlib.nullcontext
-    run_eval = functools.partial(evaluate_run, backend, reward_fn, config, weights, files)
+    run_eval = functools.partial(evaluate_run, backend, eval_fn, config, weights, files)
 
     resume = os.path.join(config.resume, "checkpoint.pt") if config.resume else ""
     history = load_checkpoint(resume, backend, optimizer, config, ema) if resume else []
