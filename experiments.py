@@ -356,8 +356,9 @@ def shapes_report(args) -> None:
     if not runs:
         raise SystemExit(f"no finished runs in {args.out}/shapes_runs: run `python experiments.py shapes` first")
     rows = [
-        "| reward | method | seeds | strict acc. ODE 20 (held-out) | ODE 10 | ODE 40 | SDE 10 | iters to eval +0.1 over base "
-        "| zero_std_ratio first / last 10 it. | adv_rel_abs / adv_anchor_abs | KL to ref | s / iter |",
+        "| reward | method | seeds | strict acc. ODE 20 (held-out) | ODE 10 | ODE 40 | SDE 10 "
+        "| iters to eval +0.1 over base | zero_std_ratio first / last 10 it. "
+        "| adv_rel_abs / adv_anchor_abs | KL to ref | s / iter |",
         "|---" * 12 + "|",
     ]
     for reward in dict.fromkeys(r["reward"] for r in runs):
