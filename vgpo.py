@@ -186,11 +186,11 @@ PRESETS = {
         lora_alpha=8,
         ema=False,  # random weights: nothing to smooth, one copy less
     ),
-    "shapes": dict(  # the CPU image demo (README "Shapes"): ~6 minutes on 2 cores
+    "shapes": dict(  # the CPU image demo (README "Shapes"); it does not yet show learning
         resolution=48,  # the model's side (shapes.SIZE)
         shift=1.0,  # pixel space at 48 px: SD3's shift 3 is for 1024 px latents
         reward="geneval_shapes",  # GenEval's strict score: the benchmark's point is a binary reward
-        iterations=40,  # ~9 s each here
+        iterations=40,  # ~18 s each with two runs sharing 2 cores here (alone: not measured)
         group_size=8,  # paper: 24; a CPU iteration of 8 x 24 would take ~27 s
         timestep_fraction=0.5,  # the 5 steps with sigma >= 0.6, where the layout forms; paper: 0.99
         lr=3e-3,  # paper: 3e-4; measured here: 1e-3 and 3e-3 both within eval noise in 40 iterations
