@@ -225,19 +225,11 @@ def diagnostics(args) -> None:
 SHAPES_REWARDS = {"strict": "geneval_shapes", "partial": "geneval_shapes_partial"}
 
 
-def lora_state(backend) -> dict:
-    """The trainable (LoRA) tensors of a backend by name, float32 copies."""
-    return {n: p.detach().float().clone() for n, p in backend.model.named_parameters() if p.requires_grad}
-
-
 def load_lora(backend, path: str) -> None:
-    """Put a lora_state() file (safetensors) into a backend built with the same LoRA settings."""
+    """Put a saved vgpo.lora_state() (safetensors) into a backend built with the same LoRA settings."""
     from safetensors.torch import load_file
 
-    state, params = load_file(path), dict(backend.model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
+    vgpo.set_lora(backend, load_file(path))
 
 
 def shapes_final_evals(backend, config: vgpo.Config, strict) -> dict:
@@ -295,7 +287,7 @@ def shapes_run(job: tuple) -> dict:
     from safetensors.torch import save_file
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_file({k: v.half().contiguous() for k, v in lora_state(backend).items()}, path[:-5] + ".lora.safetensors")
+    save_file({k: v.half().contiguous() for k, v in vgpo.lora_state(backend).items()}, path[:-5] + ".lora.safetensors")
     record = {
         "reward": reward,
         "method": method,
@@ -351,7 +343,7 @@ def load_shapes_runs(out: str) -> list:
 
 
 def shapes_report(args) -> None:
-    """Table (shapes_methods.md) and figures (shapes_methods.png, shapes_grids.png) of the finished runs."""
+    """Table (shapes_methods.md) and figure (shapes_methods.png) of the finished runs (not the sweep's)."""
     runs = [r for r in load_shapes_runs(args.out) if "kappa" not in r and "gamma" not in r]
     if not runs:
         raise SystemExit(f"no finished runs in {args.out}/shapes_runs: run `python experiments.py shapes` first")
@@ -497,7 +489,7 @@ def premise(args) -> None:
     torch.set_num_threads(args.threads)
     config = vgpo.Config(model="shapes", seed=0)
     backend = vgpo.build_backend(config)
-    base = lora_state(backend)
+    base = vgpo.lora_state(backend)
     trained_path = os.path.join(args.out, "shapes_runs", "strict_VGPO_s0.lora.safetensors")
     policies = {"base": None} | ({"VGPO (strict, seed 0)": trained_path} if os.path.exists(trained_path) else {})
     scorers = {n: rewards.load_reward(SHAPES_REWARDS[n]) for n in SHAPES_REWARDS}
@@ -506,10 +498,7 @@ def premise(args) -> None:
     prompts = [p for p in backend.prompts(groups, vgpo.make_generator(7, 0)) for _ in range(G)]  # as in training
     results = {"sigmas": sigmas.tolist(), "groups": groups, "group_size": G, "runs": []}
     for policy, path in policies.items():
-        with torch.no_grad():
-            for name, p in backend.model.named_parameters():
-                if name in base:
-                    p.copy_(base[name])
+        vgpo.set_lora(backend, base)
         if path:
             load_lora(backend, path)
         for sampler, noise in (("SDE", config.noise_level), ("ODE", 0.0)):

@@ -1449,13 +1449,26 @@ RESUMABLE_FIELDS = {
 }
 
 
+def lora_state(backend) -> dict:
+    """Boilerplate: the trainable (LoRA) tensors of a backend by parameter name, CPU copies."""
+    return {n: p.detach().cpu().clone() for n, p in backend.model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def set_lora(backend, state: dict) -> None:
+    """Boilerplate: copy a lora_state() into a backend built with the same LoRA settings."""
+    params = dict(backend.model.named_parameters())
+    for name, value in state.items():
+        params[name].copy_(value)
+
+
 def save_checkpoint(path: str, backend, optimizer, config: Config, history: list, ema=None) -> None:
     """Boilerplate: LoRA weights, optimizer, iteration, RNG, config and history, written atomically
     (temporary file, then rename), so a crash while saving keeps the last good checkpoint."""
     import os
 
     state = {
-        "lora": {n: p.detach().cpu() for n, p in backend.model.named_parameters() if p.requires_grad},
+        "lora": lora_state(backend),
         "optimizer": optimizer.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
         "iteration": len(history),
@@ -1479,10 +1492,7 @@ def load_checkpoint(path: str, backend, optimizer, config: Config, ema=None) -> 
     for name, saved in saved_config.items():
         if name not in RESUMABLE_FIELDS and hasattr(config, name) and getattr(config, name) != saved:
             raise ConfigError(name, getattr(config, name), f"differs from the checkpoint's {saved!r} (--resume)")
-    params = dict(backend.model.named_parameters())
-    with torch.no_grad():
-        for name, value in state["lora"].items():
-            params[name].copy_(value)
+    set_lora(backend, state["lora"])
     optimizer.load_state_dict(state["optimizer"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
