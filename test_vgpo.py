@@ -405,8 +405,9 @@ def _lora_grad(backend, v):
     return torch.cat([p.grad.flatten() for p in backend.parameters()])
 
 
-def test_guided_velocity_detaches_the_unconditional_branch_only_in_training():
-    backend = vgpo.build_backend(tiny_config())
+@pytest.mark.parametrize("detach", [False, True])
+def test_training_cfg_gradient_flows_through_both_branches_as_flow_grpo(detach):
+    backend = vgpo.build_backend(tiny_config(cfg_detach_uncond=detach))
     cond = backend.encode(["a sign"] * 2)
     x = backend.noise(2, torch.Generator().manual_seed(0))
     v_train = backend.velocity(x, 0.5, cond, train=True)
@@ -415,11 +416,17 @@ def test_guided_velocity_detaches_the_unconditional_branch_only_in_training():
     torch.testing.assert_close(v_train.detach(), v_ng)  # detaching changes gradients, not values
     g = backend.config.guidance_scale
     grad_train = _lora_grad(backend, v_train)
-    backend.config.guidance_scale = 1.0
+    backend.config.guidance_scale = 1.0  # each branch alone: the conditional, then the unconditional
     v_cond = backend.velocity(x, 0.5, cond)
+    v_uncond = backend.velocity(x, 0.5, {**cond, "embeds": cond["neg_embeds"], "pooled": cond["neg_pooled"]})
     assert not torch.allclose(v_ng, v_cond.detach())  # guidance 4.5 differs from the conditional velocity
-    # d(v_u + g (v_c - v_u)) with v_u detached is g dv_c
-    torch.testing.assert_close(grad_train, g * _lora_grad(backend, v_cond), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(v_ng, v_uncond.detach() + g * (v_cond.detach() - v_uncond.detach()))
+    grad_cond, grad_uncond = _lora_grad(backend, v_cond), _lora_grad(backend, v_uncond)
+    assert grad_uncond.abs().max() > 1e-3 * grad_cond.abs().max()  # the unconditional branch has LoRA gradients
+    # d(v_u + g (v_c - v_u)) = g dv_c + (1 - g) dv_u (Flow-GRPO); with v_u detached only g dv_c
+    expected = g * grad_cond + (0 if detach else (1 - g) * grad_uncond)
+    scale = expected.abs().max().item()  # the sum cancels: compare on the gradient's own scale
+    torch.testing.assert_close(grad_train, expected, rtol=1e-4, atol=1e-4 * scale)
 
 
 def test_gradient_checkpointing_gives_the_same_lora_gradients():
@@ -779,6 +786,42 @@ def _count_optimizer_steps(config):
 def test_exactly_num_minibatches_optimizer_steps():
     config = vgpo.toy_config(prompts_per_iteration=3, group_size=2, num_minibatches=4, toy_pretrain_steps=200)
     assert _count_optimizer_steps(config)[0] == 4  # 6 samples: chunk() would give 3
+
+
+def _toy_update(advantages, monkeypatch, **overrides):
+    """policy_update on a toy rollout with the given advantages; returns (record, step_loss indices, steps)."""
+    config = vgpo.toy_config(toy_pretrain_steps=200, num_minibatches=2, **overrides)
+    backend = vgpo.build_backend(config)
+    reward = vgpo.checked_reward(backend.load_reward(config.reward), config.reward)
+    sigmas = backend.sigmas(config.num_steps)
+    batch = vgpo.rollout(backend, [0, 0, 0, 1, 1, 1], sigmas, config.noise_level, reward, torch.Generator(), True)
+    seen, steps, original = [], [], vgpo.step_loss
+    monkeypatch.setattr(
+        vgpo, "step_loss", lambda b, s, adv, idx, *a: seen.append(idx.tolist()) or original(b, s, adv, idx, *a)
+    )
+    optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
+    optimizer.register_step_post_hook(lambda *args: steps.append(1))
+    before = [p.detach().clone() for p in backend.parameters()]
+    record = vgpo.policy_update(backend, batch, advantages, optimizer, sigmas, config, torch.Generator())
+    moved = any(not torch.equal(p, q) for p, q in zip(before, backend.parameters(), strict=True))
+    return record, seen, len(steps), moved
+
+
+def test_samples_with_zero_advantage_are_left_out_of_the_update(monkeypatch):
+    adv = torch.randn(6, 10)
+    adv[[1, 4]] = 0.0  # two samples without signal at any step (a one-score group under GRPO)
+    adv[2, :5] = 0.0  # zero at some steps only: kept
+    record, seen, steps, moved = _toy_update(adv, monkeypatch)
+    trained = {i for idx in seen for i in idx}
+    assert trained == {0, 2, 3, 5} and steps == 2 and moved  # Flow-GRPO's mask, still 2 minibatches
+    assert all(len(idx) == 2 for idx in seen)  # 4 kept samples split into 2 minibatches of 2
+    assert record["trained_frac"] == pytest.approx(4 / 6)
+
+
+def test_a_batch_without_signal_makes_no_update_even_with_the_kl_term(monkeypatch):
+    record, seen, steps, moved = _toy_update(torch.zeros(6, 10), monkeypatch, beta=0.04)
+    assert (seen, steps, moved, record["trained_frac"]) == ([], 0, False, 0.0)
+    assert math.isnan(record["loss"])  # nothing was trained: no loss to report, not a false 0
 
 
 def test_kl_ref_is_nan_not_zero_without_the_kl_term():

@@ -34,10 +34,13 @@ Decisions where the paper is silent (each is a Config field; see README "Decisio
   8. KL to the reference follows Flow-GRPO (no |dt| in the denominator).        Config.beta
      With beta = 0 no reference forward runs and kl_ref is logged as NaN.
   9. The reference policy is the LoRA adapter disabled; training recomputes the guided
-     velocity with the unconditional branch detached (Flow-GRPO).   Config.train_cfg, cfg_detach_uncond
+     velocity with gradients through both branches, as Flow-GRPO's train_sd3.py (SPEC 5
+     says "detached"; the reference does not detach).  Config.train_cfg, cfg_detach_uncond
  10. The sigma schedule is diffusers' FlowMatchEulerDiscreteScheduler's, built from the
      loaded pipeline's scheduler config with the configured shift.             Config.shift
  11. Each batch draws distinct prompts while the prompt set has enough (Flow-GRPO's sampler).
+ 12. A sample whose advantage is 0 at every step is left out of the policy update
+     (Flow-GRPO's train_sd3.py): the minibatches are split over the others.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ class Config:
     resolution: int = 512  # image side in pixels (Flow-GRPO)
     guidance_scale: float = 4.5  # classifier-free guidance, in rollout and training (Flow-GRPO); 1: none
     train_cfg: bool = True  # training recomputes the guided velocity (Flow-GRPO train.cfg); off: cond only
-    cfg_detach_uncond: bool = True  # training CFG: unconditional branch detached (Flow-GRPO)
+    cfg_detach_uncond: bool = False  # training CFG: gradients through both branches (Flow-GRPO); on: o_u detached
     decode_batch: int = 0  # images per VAE decode call (bounds the decode's memory peak); 0: the whole batch
     prompt_file: str = ""  # one prompt per line; empty: built-in OCR prompts
     max_sequence_length: int = 128  # T5 tokens
@@ -1134,19 +1137,26 @@ def policy_update(
 ):
     """One rollout batch -> num_minibatches optimizer steps; backward per step (one graph alive).
 
+    As Flow-GRPO, a sample whose advantage is 0 at every step carries no policy gradient and is
+    left out of the update (decision 12): minibatches are split over the other samples, so a
+    batch with many one-score groups updates on fewer samples rather than on a diluted mean.
     Each step's loss is divided by the number of trained steps, so the accumulated gradient is
     that of the mean of L_k over trained steps and minibatch samples. Minibatches are drawn over
     all `total` samples of every rank; this rank holds samples offset..offset+B-1, weighs its
     part by its share of the minibatch, and gradients are summed over ranks (data parallel).
+    `advantages` are every rank's (total, T); this rank trains its own rows.
     """
     trained, local_size = int(config.num_steps * config.timestep_fraction), len(batch.prompts)
     perm = torch.randperm(total or local_size, generator=generator)
+    perm = perm[advantages[perm].abs().sum(dim=1).cpu() != 0]  # Flow-GRPO: all-zero advantages are dropped
+    local_adv = advantages[offset : offset + local_size]  # (B_rank, T)
     sums, count, onpolicy_err = dict.fromkeys(("clipfrac", "approx_kl", "kl_ref", "loss"), 0.0), 0, 0.0
-    for j, mb in enumerate(perm.tensor_split(config.num_minibatches)):  # exactly num_minibatches, sizes +-1
+    grad_norm = torch.tensor(0.0)
+    for j, mb in enumerate(perm.tensor_split(config.num_minibatches) if len(perm) else []):  # sizes +-1
         local = mb[(mb >= offset) & (mb < offset + local_size)] - offset  # this rank's part of the minibatch
         optimizer.zero_grad(set_to_none=False)
         for k in range(trained if len(local) else 0):
-            loss, info = step_loss(backend, batch, advantages, local, k, sigmas, config)
+            loss, info = step_loss(backend, batch, local_adv, local, k, sigmas, config)
             (loss * len(local) / len(mb) / trained).backward()
             sums = {key: sums[key] + info[key] * len(local) for key in sums}
             if j == 0:  # the first minibatch runs before any update: its ratio must be 1
@@ -1160,8 +1170,9 @@ def policy_update(
     device = advantages.device  # nccl reduces GPU tensors only
     totals = all_reduce_(torch.tensor([*sums.values(), count], dtype=torch.float64, device=device))
     err = all_reduce_(torch.tensor(onpolicy_err, device=device), op="max")
-    means = {key: (totals[i] / totals[-1]).item() for i, key in enumerate(sums)}
-    return {**means, "grad_norm": grad_norm.item(), "onpolicy_ratio_err": err.item()}
+    means = {key: (totals[i] / totals[-1]).item() if totals[-1] else float("nan") for i, key in enumerate(sums)}
+    trained_frac = len(perm) / (total or local_size)
+    return {**means, "grad_norm": grad_norm.item(), "onpolicy_ratio_err": err.item(), "trained_frac": trained_frac}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1269,8 +1280,7 @@ def train_iteration(backend, reward_fn, optimizer, sigmas, config: Config, itera
     instant = config.dense_values or config.use_weights  # GRPO scores the final state only
     batch = rollout(backend, prompts, sigmas, config.noise_level, reward_fn, noise, instant, config.reward_workers)
     rewards = all_gather_rows(batch.rewards)  # (N*G, T|1), every rank's groups in order
-    advantages, info = batch_advantages(rewards, config)  # (N*G, T)
-    advantages = advantages[offset : offset + len(prompts)]  # (B_rank, T)
+    advantages, info = batch_advantages(rewards, config)  # (N*G, T), every rank's samples
     info |= policy_update(backend, batch, advantages, optimizer, sigmas, config, gen, offset, len(rewards), ema)
     return {"iteration": iteration, **info, "seconds": time.perf_counter() - start}
 
