@@ -1194,6 +1194,21 @@ def test_shapes_backend_reuses_the_samplers_velocity_and_trains(shapes_weights):
         )
 
 
+def test_shapes_prompt_file_feeds_training_and_evaluation_and_names_a_bad_prompt(shapes_weights, tmp_path):
+    good = ["a photo of a red circle", "a photo of two blue squares", "a photo of a green triangle"]
+    (tmp_path / "p.txt").write_text("\n".join(good) + "\n")
+    backend = vgpo.build_backend(
+        vgpo.Config(model="shapes", shapes_weights=shapes_weights, prompt_file=str(tmp_path / "p.txt"))
+    )
+    assert sorted(backend.prompts(3, vgpo.make_generator(0, 1))) == sorted(good)  # distinct, from the file
+    assert backend.eval_prompts(4) == [*good, good[0]]
+    (tmp_path / "bad.txt").write_text("a photo of a red circle\na photo of a purple circle\n")
+    with pytest.raises(vgpo.ConfigError, match="purple circle"):
+        vgpo.build_backend(
+            vgpo.Config(model="shapes", shapes_weights=shapes_weights, prompt_file=str(tmp_path / "bad.txt"))
+        )
+
+
 def test_shipped_shapes_weights_reach_the_stated_base_accuracy():
     # README: 0.18 strict overall on 4 x 128 held-out samples (20 ODE steps, guidance 4.5, seed 1);
     # here 4 x 16 with seed 0 (0.27 on this machine): binomial std ~0.05, and another CPU's rounding

@@ -112,7 +112,7 @@ class Config:
     train_cfg: bool = True  # training recomputes the guided velocity (Flow-GRPO train.cfg); off: cond only
     cfg_detach_uncond: bool = False  # training CFG: gradients through both branches (Flow-GRPO); on: o_u detached
     decode_batch: int = 0  # images per VAE decode call (bounds the decode's memory peak); 0: the whole batch
-    prompt_file: str = ""  # one prompt per line; empty: built-in OCR prompts
+    prompt_file: str = ""  # one prompt per line, training = evaluation; empty: built-in OCR prompts (shapes: grammar)
     max_sequence_length: int = 128  # T5 tokens
     gradient_checkpointing: bool = False  # trade compute for activation memory
     offload_text_encoders: bool = False  # encode all prompts up front, then free the encoders
@@ -939,10 +939,20 @@ class ShapesBackend(SD3Backend):
         self.held_out = [p for group in itertools.zip_longest(*held.values()) for p in group if p]
         self.train_prompts = sorted(set(shapes.all_prompts()) - set(held["two objects"] + held["position"]))
         self.by_category = {c: [p for p in self.train_prompts if shapes.parse_prompt(p)[0] == c] for c in held}
+        if config.prompt_file:  # as SD3Backend: training and evaluation on the file's prompts
+            self.train_prompts = self.held_out = read_prompts(config.prompt_file)
+            for p in self.train_prompts:
+                try:
+                    shapes.parse_prompt(p)
+                except ValueError as e:
+                    raise ConfigError("prompt_file", config.prompt_file, str(e)) from None
 
     def prompts(self, n, generator):
         """Category-balanced, as the evaluation: the i-th prompt from category i mod 4, drawn without
-        repeats within a category (72 % of the grammar's training prompts are positions)."""
+        repeats within a category (72 % of the grammar's training prompts are positions).
+        With a prompt_file: distinct prompts of the file (decision 11)."""
+        if self.config.prompt_file:
+            return draw_prompts(self.train_prompts, n, generator)
         cats = list(self.by_category)
         per = {c: draw_prompts(self.by_category[c], len(range(i, n, len(cats))), generator) for i, c in enumerate(cats)}
         return [per[cats[i % len(cats)]][i // len(cats)] for i in range(n)]
