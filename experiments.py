@@ -12,6 +12,7 @@
     python experiments.py shapes_report # its table and figure from the finished runs
     python experiments.py shapes_grids  # base, GRPO and VGPO samples on the same prompts and noise
     python experiments.py premise       # does the one-step projection predict the final reward?
+    python experiments.py gradients     # do the groups' policy gradients share a direction?
 
 Each writes markdown (and PNGs) into --out (default results/); `shapes` saves each finished run as
 results/shapes_runs/NAME.json (with its LoRA) and skips those already there.
@@ -525,6 +526,68 @@ def premise(args) -> None:
     premise_report(results, args.out)
 
 
+def gradients(args) -> None:
+    """Do the groups agree on where to move? One rollout of the shapes preset (16 prompts x G), GRPO's
+    advantages, then each group's policy gradient (ratio 1, no KL) over the trained steps (0-4) and
+    over the later ones (5-8), and the cosine between every two groups' gradients. A direction that
+    many prompts share gives a positive mean; noise gives ~0. Writes shapes_gradients.{json,md}."""
+    import itertools
+
+    torch.set_num_threads(args.threads)
+    results = []
+    for reward in ("strict", "partial"):
+        config = vgpo.Config(model="shapes", reward=SHAPES_REWARDS[reward], beta=0.0, **METHODS["GRPO"])
+        backend = vgpo.build_backend(config)
+        reward_fn = vgpo.checked_reward(backend.load_reward(config.reward), config.reward)
+        sigmas, G, N = backend.sigmas(config.num_steps), config.group_size, args.premise_groups
+        prompts = [p for p in backend.prompts(N, vgpo.make_generator(7, 0)) for _ in range(G)]
+        noise = [vgpo.make_generator(7, 3, i) for i in range(len(prompts))]
+        batch = vgpo.rollout(backend, prompts, sigmas, config.noise_level, reward_fn, noise, instant=False)
+        advantages, info = vgpo.batch_advantages(batch.rewards, config)  # (N*G, T)
+        for steps in (range(0, 5), range(5, 9)):
+            grads = []
+            for n in range(N):
+                idx = torch.arange(n * G, (n + 1) * G)
+                if advantages[idx].abs().sum() == 0:
+                    continue  # a one-score group: no gradient (decision 12)
+                for p in backend.parameters():
+                    p.grad = None
+                for k in steps:
+                    loss, _ = vgpo.step_loss(backend, batch, advantages, idx, k, sigmas, config)
+                    (loss / len(steps)).backward()
+                grads.append(torch.cat([p.grad.flatten() for p in backend.parameters()]))
+            unit = torch.nn.functional.normalize(torch.stack(grads), dim=1)  # (groups, params)
+            cos = torch.tensor([(unit[i] @ unit[j]).item() for i, j in itertools.combinations(range(len(grads)), 2)])
+            mean_grad = unit.mean(0).norm().item()  # 1 if all agree, ~1/sqrt(groups) for independent noise
+            results.append(
+                dict(reward=reward, steps=f"{steps.start}-{steps.stop - 1}", sigmas=f"{sigmas[steps.start]:.2f}-"
+                     f"{sigmas[steps.stop - 1]:.2f}", groups=len(grads), reward_mean=info["reward_mean"],
+                     mean_cos=cos.mean().item(), sem_cos=(cos.std() / len(grads)).item(),
+                     mean_abs_cos=cos.abs().mean().item(), mean_unit_norm=mean_grad,
+                     noise_unit_norm=len(grads) ** -0.5)
+            )  # fmt: skip
+            print(results[-1], flush=True)
+    with open(os.path.join(args.out, "shapes_gradients.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    lines = [
+        f"`python experiments.py gradients --premise_groups {args.premise_groups}`: GRPO's per-group policy "
+        "gradients on one rollout of the shapes preset (groups with one score have none). sem: the "
+        "standard error of the mean taken as std / groups (pairs are not independent).\n",
+        "| reward | steps (sigma) | groups | rollout reward | mean cos between groups | mean abs cos | "
+        "norm of the mean unit gradient | same for independent directions |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['reward']} | {r['steps']} ({r['sigmas']}) | {r['groups']} | {r['reward_mean']:.2f} | "
+            f"{r['mean_cos']:.3f} ± {r['sem_cos']:.3f} | {r['mean_abs_cos']:.3f} | {r['mean_unit_norm']:.3f} | "
+            f"{r['noise_unit_norm']:.3f} |"
+        )
+    with open(os.path.join(args.out, "shapes_gradients.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def premise_report(results: dict, out: str) -> None:
     """Markdown table and figure of premise()'s results."""
     import matplotlib
@@ -942,6 +1005,7 @@ def main(argv=None):
             "shapes_report",
             "shapes_grids",
             "premise",
+            "gradients",
         ],
     )
     parser.add_argument("runs", nargs="*", help="curves: run directories (each with a metrics.jsonl)")
@@ -960,8 +1024,8 @@ def main(argv=None):
     parser.add_argument("--skip_resident", action="store_true", help="gpu_check: offloaded text encoders only")
     parser.add_argument("--memory_cap_gib", type=float, default=0, help="gpu_check: act as a card of this size")
     parser.add_argument("--sweep", action="store_true", help="shapes: also kappa 0.5, 2 and gamma 0.5, 0.99 (VGPO)")
-    parser.add_argument("--threads", type=int, default=2, help="premise: torch threads")
-    parser.add_argument("--premise_groups", type=int, default=16, help="premise: prompts (groups of the preset's G)")
+    parser.add_argument("--threads", type=int, default=2, help="premise, gradients: torch threads")
+    parser.add_argument("--premise_groups", type=int, default=16, help="premise, gradients: prompts (groups of G)")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     if args.iterations is None and args.what in ("methods", "sweep", "diagnostics"):
@@ -980,6 +1044,7 @@ def main(argv=None):
         shapes_report=shapes_report,
         shapes_grids=shapes_grids,
         premise=premise,
+        gradients=gradients,
     )
     commands[args.what](args)
 
