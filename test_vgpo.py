@@ -789,7 +789,7 @@ def test_exactly_num_minibatches_optimizer_steps():
 
 
 def _toy_update(advantages, monkeypatch, **overrides):
-    """policy_update on a toy rollout with the given advantages; returns (record, step_loss indices, steps)."""
+    """policy_update on a toy rollout with the given advantages: (record, step_loss indices, steps, moved)."""
     config = vgpo.toy_config(toy_pretrain_steps=200, num_minibatches=2, **overrides)
     backend = vgpo.build_backend(config)
     reward = vgpo.checked_reward(backend.load_reward(config.reward), config.reward)
