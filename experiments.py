@@ -548,7 +548,7 @@ def gradients(args) -> None:
             grads = []
             for n in range(N):
                 idx = torch.arange(n * G, (n + 1) * G)
-                if advantages[idx].abs().sum() == 0:
+                if not vgpo.has_signal(advantages[idx]).any():
                     continue  # a one-score group: no gradient (decision 12)
                 for p in backend.parameters():
                     p.grad = None

@@ -1142,6 +1142,12 @@ def step_loss(backend, batch: Rollout, advantages, idx, k, sigmas, config: Confi
     return loss, {**info, "kl_ref": kl.mean().item(), "loss": loss.item()}
 
 
+def has_signal(advantages) -> torch.Tensor:
+    """Decision 12 (Flow-GRPO's mask): the samples whose advantage is non-zero at some step, (B, T) -> (B,) bool.
+    Only these enter the policy update; the others carry no policy gradient."""
+    return advantages.abs().sum(dim=1) != 0
+
+
 def policy_update(
     backend, batch: Rollout, advantages, optimizer, sigmas, config: Config, generator, offset=0, total=None, ema=None
 ):
@@ -1158,7 +1164,7 @@ def policy_update(
     """
     trained, local_size = int(config.num_steps * config.timestep_fraction), len(batch.prompts)
     perm = torch.randperm(total or local_size, generator=generator)
-    perm = perm[advantages[perm].abs().sum(dim=1).cpu() != 0]  # Flow-GRPO: all-zero advantages are dropped
+    perm = perm[has_signal(advantages[perm]).cpu()]  # decision 12: all-zero advantages are dropped
     local_adv = advantages[offset : offset + local_size]  # (B_rank, T)
     sums, count, onpolicy_err = dict.fromkeys(("clipfrac", "approx_kl", "kl_ref", "loss"), 0.0), 0, 0.0
     grad_norm = torch.tensor(0.0)
