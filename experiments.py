@@ -224,6 +224,9 @@ def diagnostics(args) -> None:
 # ------------------------------------------------------------------------------------------------
 
 SHAPES_REWARDS = {"strict": "geneval_shapes", "partial": "geneval_shapes_partial"}
+# The benchmark: every category of the grammar, evaluated on held-out prompts (the shapes preset's
+# demo trains and evaluates on one prompt instead)
+SHAPES_BENCH = dict(model="shapes", shapes_prompts="grammar")
 
 
 def load_lora(backend, path: str) -> None:
@@ -278,7 +281,7 @@ def shapes_run(job: tuple) -> dict:
     run_dir = os.path.join("runs", "shapes", os.path.basename(os.path.normpath(out)), name)
     resume = run_dir if os.path.exists(os.path.join(run_dir, "checkpoint.pt")) else ""
     fields = {**METHODS[method], **overrides, "reward": SHAPES_REWARDS[reward], "eval_reward": "geneval_shapes"}
-    config = vgpo.Config(model="shapes", seed=seed, output_dir=run_dir, resume=resume, **fields)
+    config = vgpo.Config(**{**SHAPES_BENCH, **fields}, seed=seed, output_dir=run_dir, resume=resume)
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         history = vgpo.train(config)
@@ -295,6 +298,7 @@ def shapes_run(job: tuple) -> dict:
         "seed": seed,
         **overrides,
         "iterations": config.iterations,
+        "shapes_prompts": config.shapes_prompts,
         "eval_before": history[0]["eval_reward_before"],
         "evals": [(h["iteration"] + 1, h["eval_reward"]) for h in history if h.get("eval_reward") is not None],
         "final": finals,
@@ -312,6 +316,8 @@ def shapes_jobs(args) -> list:
     VGPO x 3 seeds on the partial reward; seeds 3-4 of the strict runs; then kappa and gamma."""
     names = args.methods.split(",") if args.methods else list(METHODS)
     base = {"iterations": args.iterations} if args.iterations else {}
+    if args.shapes_prompts != "grammar":
+        base["shapes_prompts"] = args.shapes_prompts
     jobs = [("strict", m, s, base) for s in range(3) for m in names]
     jobs += [("partial", m, s, base) for s in range(3) for m in ("GRPO", "VGPO") if m in names]
     jobs += [("strict", m, s, base) for s in range(3, args.seeds) for m in names]
@@ -424,7 +430,7 @@ def shapes_grids(args) -> None:
     """Base, GRPO and VGPO (strict reward, seed 0) on the same held-out prompts and noise: one PNG."""
     import rewards
 
-    config = vgpo.Config(model="shapes", seed=0)
+    config = vgpo.Config(**SHAPES_BENCH, seed=0)
     backend = vgpo.build_backend(config)
     strict = rewards.load_reward("geneval_shapes")
     prompts = backend.eval_prompts(12)
@@ -488,7 +494,7 @@ def premise(args) -> None:
     import rewards
 
     torch.set_num_threads(args.threads)
-    config = vgpo.Config(model="shapes", seed=0)
+    config = vgpo.Config(**SHAPES_BENCH, seed=0)
     backend = vgpo.build_backend(config)
     base = vgpo.lora_state(backend)
     trained_path = os.path.join(args.out, "shapes_runs", "strict_VGPO_s0.lora.safetensors")
@@ -527,25 +533,29 @@ def premise(args) -> None:
 
 
 def gradients(args) -> None:
-    """Do the groups agree on where to move? One rollout of the shapes preset (16 prompts x G), GRPO's
-    advantages, then each group's policy gradient (ratio 1, no KL) over the trained steps (0-4) and
-    over the later ones (5-8), and the cosine between every two groups' gradients. A direction that
-    many prompts share gives a positive mean; noise gives ~0. Writes shapes_gradients.{json,md}."""
+    """Do the groups agree on where to move? One rollout of the shapes preset: premise_groups / 2
+    training prompts, each in two groups of G with their own noise; GRPO's advantages, then each
+    group's policy gradient (ratio 1, no KL) over the trained steps (0-4) and over the later ones
+    (5-8), and the cosine between every two groups' gradients: groups of different prompts, and the
+    two groups of the same prompt. A direction that many prompts share gives a positive mean over
+    different prompts; a group gradient that is mostly sampling noise gives ~0 even for the same
+    prompt. Writes shapes_gradients.{json,md}."""
     import itertools
 
     torch.set_num_threads(args.threads)
     results = []
     for reward in ("strict", "partial"):
-        config = vgpo.Config(model="shapes", reward=SHAPES_REWARDS[reward], beta=0.0, **METHODS["GRPO"])
+        config = vgpo.Config(**SHAPES_BENCH, reward=SHAPES_REWARDS[reward], beta=0.0, **METHODS["GRPO"])
         backend = vgpo.build_backend(config)
         reward_fn = vgpo.checked_reward(backend.load_reward(config.reward), config.reward)
-        sigmas, G, N = backend.sigmas(config.num_steps), config.group_size, args.premise_groups
-        prompts = [p for p in backend.prompts(N, vgpo.make_generator(7, 0)) for _ in range(G)]
+        sigmas, G, N = backend.sigmas(config.num_steps), config.group_size, args.premise_groups // 2 * 2
+        drawn = backend.prompts(N // 2, vgpo.make_generator(7, 0))
+        prompts = [p for p in drawn for _ in range(2 * G)]  # group 2i and 2i+1: prompt i
         noise = [vgpo.make_generator(7, 3, i) for i in range(len(prompts))]
         batch = vgpo.rollout(backend, prompts, sigmas, config.noise_level, reward_fn, noise, instant=False)
         advantages, info = vgpo.batch_advantages(batch.rewards, config)  # (N*G, T)
         for steps in (range(0, 5), range(5, 9)):
-            grads = []
+            grads = {}  # group -> its policy gradient
             for n in range(N):
                 idx = torch.arange(n * G, (n + 1) * G)
                 if not vgpo.has_signal(advantages[idx]).any():
@@ -555,32 +565,42 @@ def gradients(args) -> None:
                 for k in steps:
                     loss, _ = vgpo.step_loss(backend, batch, advantages, idx, k, sigmas, config)
                     (loss / len(steps)).backward()
-                grads.append(torch.cat([p.grad.flatten() for p in backend.parameters()]))
-            unit = torch.nn.functional.normalize(torch.stack(grads), dim=1)  # (groups, params)
-            cos = torch.tensor([(unit[i] @ unit[j]).item() for i, j in itertools.combinations(range(len(grads)), 2)])
-            mean_grad = unit.mean(0).norm().item()  # 1 if all agree, ~1/sqrt(groups) for independent noise
+                grads[n] = torch.nn.functional.normalize(
+                    torch.cat([p.grad.flatten() for p in backend.parameters()]), dim=0
+                )
+            pairs = list(itertools.combinations(grads, 2))
+            cos = {(i, j): (grads[i] @ grads[j]).item() for i, j in pairs}
+            other = torch.tensor([c for (i, j), c in cos.items() if i // 2 != j // 2])
+            same = torch.tensor([c for (i, j), c in cos.items() if i // 2 == j // 2])
+            mean_grad = torch.stack(list(grads.values())).mean(0).norm().item()  # 1 if all agree
             results.append(
                 dict(reward=reward, steps=f"{steps.start}-{steps.stop - 1}", sigmas=f"{sigmas[steps.start]:.2f}-"
-                     f"{sigmas[steps.stop - 1]:.2f}", groups=len(grads), reward_mean=info["reward_mean"],
-                     mean_cos=cos.mean().item(), sem_cos=(cos.std() / len(grads)).item(),
-                     mean_abs_cos=cos.abs().mean().item(), mean_unit_norm=mean_grad,
-                     noise_unit_norm=len(grads) ** -0.5)
+                     f"{sigmas[steps.stop - 1]:.2f}", groups=len(grads), prompts=N // 2,
+                     reward_mean=info["reward_mean"], mean_cos=other.mean().item(),
+                     sem_cos=(other.std() / len(grads)).item(), mean_abs_cos=other.abs().mean().item(),
+                     same_pairs=len(same), same_cos=same.mean().item() if len(same) else float("nan"),
+                     same_sem=(same.std() / len(same) ** 0.5).item() if len(same) > 1 else float("nan"),
+                     mean_unit_norm=mean_grad, noise_unit_norm=len(grads) ** -0.5)
             )  # fmt: skip
             print(results[-1], flush=True)
     with open(os.path.join(args.out, "shapes_gradients.json"), "w") as f:
         json.dump(results, f, indent=1)
     lines = [
         f"`python experiments.py gradients --premise_groups {args.premise_groups}`: GRPO's per-group policy "
-        "gradients on one rollout of the shapes preset (groups with one score have none). sem: the "
-        "standard error of the mean taken as std / groups (pairs are not independent).\n",
-        "| reward | steps (sigma) | groups | rollout reward | mean cos between groups | mean abs cos | "
-        "norm of the mean unit gradient | same for independent directions |",
-        "|---|---|---|---|---|---|---|---|",
+        "gradients on one rollout of the shapes preset, each prompt in two groups of its own noise (groups "
+        "with one score have none). Different prompts: every pair of groups of two prompts, sem taken as "
+        "std / groups (pairs are not independent); same prompt: the two groups of one prompt, sem std / "
+        "sqrt(pairs).\n",
+        "| reward | steps (sigma) | groups (prompts) | rollout reward | mean cos, different prompts | "
+        "mean abs cos | mean cos, same prompt (pairs) | norm of the mean unit gradient | "
+        "same for independent directions |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['reward']} | {r['steps']} ({r['sigmas']}) | {r['groups']} | {r['reward_mean']:.2f} | "
-            f"{r['mean_cos']:.3f} ± {r['sem_cos']:.3f} | {r['mean_abs_cos']:.3f} | {r['mean_unit_norm']:.3f} | "
+            f"| {r['reward']} | {r['steps']} ({r['sigmas']}) | {r['groups']} ({r['prompts']}) | "
+            f"{r['reward_mean']:.2f} | {r['mean_cos']:.3f} ± {r['sem_cos']:.3f} | {r['mean_abs_cos']:.3f} | "
+            f"{r['same_cos']:.3f} ± {r['same_sem']:.3f} ({r['same_pairs']}) | {r['mean_unit_norm']:.3f} | "
             f"{r['noise_unit_norm']:.3f} |"
         )
     with open(os.path.join(args.out, "shapes_gradients.md"), "w") as f:
@@ -1014,6 +1034,9 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--methods", default="", help="methods: a comma-separated subset of METHODS")
     parser.add_argument("--kappa", type=float, default=None, help="methods: kappa of the methods with an anchor")
+    parser.add_argument(
+        "--shapes_prompts", default="grammar", help="shapes: the benchmark (grammar) or prompts separated by ';'"
+    )
     parser.add_argument("--ema", action="store_true", help="methods: evaluate the EMA of the LoRA weights")
     parser.add_argument("--reward", default="jpeg_compressibility", help="benchmark: an image reward")
     parser.add_argument("--model", default="tiny", help="benchmark: tiny, random-sd3.5-medium, or an SD3 id")

@@ -1167,8 +1167,8 @@ def test_shapes_backend_reuses_the_samplers_velocity_and_trains(shapes_weights):
     counts = {}
     for method in ("grpo", "vgpo"):
         config = vgpo.Config(
-            model="shapes", shapes_weights=shapes_weights, num_steps=4, group_size=2, prompts_per_iteration=2,
-            **vgpo.PRESETS[method],
+            model="shapes", shapes_weights=shapes_weights, shapes_prompts="grammar", num_steps=4, group_size=2,
+            prompts_per_iteration=2, **vgpo.PRESETS[method],
         )  # fmt: skip
         backend = experiments.CountingBackend(vgpo.build_backend(config))
         reward = backend.counted_reward(vgpo.checked_reward(backend.load_reward(config.reward), config.reward))
@@ -1208,6 +1208,24 @@ def test_shapes_prompt_file_feeds_training_and_evaluation_and_names_a_bad_prompt
         vgpo.build_backend(
             vgpo.Config(model="shapes", shapes_weights=shapes_weights, prompt_file=str(tmp_path / "bad.txt"))
         )
+
+
+def test_shapes_prompts_list_feeds_training_and_evaluation_and_names_a_bad_prompt(shapes_weights):
+    good = ["a photo of a red square", "a photo of two blue circles"]
+    config = vgpo.Config(model="shapes", shapes_weights=shapes_weights, shapes_prompts=" ; ".join(good))
+    backend = vgpo.build_backend(config)
+    assert sorted(backend.prompts(2, vgpo.make_generator(0, 1))) == sorted(good)
+    assert backend.eval_prompts(3) == [*good, good[0]]
+    demo = vgpo.build_backend(vgpo.Config(model="shapes", shapes_weights=shapes_weights))  # the preset: one prompt
+    assert set(demo.eval_prompts(8)) == {vgpo.PRESETS["shapes"]["shapes_prompts"]} == set(demo.prompts(8, None))
+    grammar = vgpo.build_backend(vgpo.Config(model="shapes", shapes_weights=shapes_weights, shapes_prompts="grammar"))
+    assert len(set(grammar.eval_prompts(400))) > 100  # held-out prompts of every category
+    with pytest.raises(vgpo.ConfigError, match="shapes_prompts.*purple circle"):
+        vgpo.build_backend(
+            vgpo.Config(model="shapes", shapes_weights=shapes_weights, shapes_prompts="a photo of a purple circle")
+        )
+    with pytest.raises(vgpo.ConfigError, match="shapes_prompts"):
+        vgpo.Config(model="shapes", shapes_prompts=" ; ")
 
 
 def test_shipped_shapes_weights_reach_the_stated_base_accuracy():
