@@ -354,8 +354,10 @@ def shapes_report(args) -> None:
     runs = [r for r in load_shapes_runs(args.out) if "kappa" not in r and "gamma" not in r]
     if not runs:
         raise SystemExit(f"no finished runs in {args.out}/shapes_runs: run `python experiments.py shapes` first")
+    prompts = runs[0].get("shapes_prompts", "grammar")  # runs before the field: the grammar
+    where = "held-out" if prompts == "grammar" else "its prompts, new noise"
     rows = [
-        "| reward | method | seeds | strict acc. ODE 20 (held-out) | ODE 10 | ODE 40 | SDE 10 "
+        f"| reward | method | seeds | strict acc. ODE 20 ({where}) | ODE 10 | ODE 40 | SDE 10 "
         "| iters to eval +0.1 over base | zero_std_ratio first / last 10 it. "
         "| adv_rel_abs / adv_anchor_abs | KL to ref | s / iter |",
         "|---" * 12 + "|",
@@ -385,18 +387,17 @@ def shapes_report(args) -> None:
     before = mean_std(r["eval_before"] for r in runs)
     text = (
         "`python experiments.py shapes` then `python experiments.py shapes_report`: the shapes preset "
-        f"({runs[0]['iterations']} iterations), mean ± std over seeds; base model before training: {before}.\n\n"
-        + "\n".join(rows)
-        + "\n"
+        f"({runs[0]['iterations']} iterations), prompts: {prompts}; mean ± std over seeds; base model before "
+        f"training: {before}.\n\n" + "\n".join(rows) + "\n"
     )
     with open(os.path.join(args.out, "shapes_methods.md"), "w") as f:
         f.write(text)
-    shapes_figure(runs, os.path.join(args.out, "shapes_methods.png"))
+    shapes_figure(runs, os.path.join(args.out, "shapes_methods.png"), where)
     print(text)
 
 
-def shapes_figure(runs: list, path: str) -> None:
-    """Per reward: held-out strict accuracy (ODE) and zero_std_ratio over iterations, mean ± std over seeds."""
+def shapes_figure(runs: list, path: str, where: str = "held-out") -> None:
+    """Per reward: strict accuracy (ODE) and zero_std_ratio over iterations, mean ± std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -416,7 +417,7 @@ def shapes_figure(runs: list, path: str) -> None:
                 mean, std = y.mean(0), y.std(0, correction=0)
                 ax.plot(x, mean, label=f"{method} ({len(rs)})", lw=1.5)
                 ax.fill_between(x, mean - std, mean + std, alpha=0.15)
-        row[0].set(title=f"{reward} reward: held-out strict accuracy (ODE 20)", xlabel="iteration")
+        row[0].set(title=f"{reward} reward: strict accuracy (ODE 20, {where})", xlabel="iteration")
         row[1].set(title=f"{reward} reward: zero_std_ratio (groups with one score)", xlabel="iteration")
         for ax in row:
             ax.grid(alpha=0.3)
@@ -427,10 +428,11 @@ def shapes_figure(runs: list, path: str) -> None:
 
 
 def shapes_grids(args) -> None:
-    """Base, GRPO and VGPO (strict reward, seed 0) on the same held-out prompts and noise: one PNG."""
+    """Base, GRPO and VGPO (strict reward, seed 0) on the same evaluation prompts (held-out, or
+    --shapes_prompts) and noise: one PNG each."""
     import rewards
 
-    config = vgpo.Config(**SHAPES_BENCH, seed=0)
+    config = vgpo.Config(**dict(SHAPES_BENCH, shapes_prompts=args.shapes_prompts), seed=0)
     backend = vgpo.build_backend(config)
     strict = rewards.load_reward("geneval_shapes")
     prompts = backend.eval_prompts(12)
@@ -534,18 +536,19 @@ def premise(args) -> None:
 
 def gradients(args) -> None:
     """Do the groups agree on where to move? One rollout of the shapes preset: premise_groups / 2
-    training prompts, each in two groups of G with their own noise; GRPO's advantages, then each
-    group's policy gradient (ratio 1, no KL) over the trained steps (0-4) and over the later ones
-    (5-8), and the cosine between every two groups' gradients: groups of different prompts, and the
-    two groups of the same prompt. A direction that many prompts share gives a positive mean over
-    different prompts; a group gradient that is mostly sampling noise gives ~0 even for the same
-    prompt. Writes shapes_gradients.{json,md}."""
+    training prompts (the grammar's, or --shapes_prompts), each in two groups of G with their own
+    noise; GRPO's advantages, then each group's policy gradient (ratio 1, no KL) over the trained
+    steps (0-4) and over the later ones (5-8), and the cosine between every two groups' gradients:
+    groups of different prompts, and groups of the same prompt. A direction that many prompts share
+    gives a positive mean over different prompts; a group gradient that is mostly sampling noise
+    gives ~0 even for the same prompt. Writes shapes_gradients.{json,md}."""
     import itertools
 
     torch.set_num_threads(args.threads)
     results = []
     for reward in ("strict", "partial"):
-        config = vgpo.Config(**SHAPES_BENCH, reward=SHAPES_REWARDS[reward], beta=0.0, **METHODS["GRPO"])
+        fields = dict(SHAPES_BENCH, shapes_prompts=args.shapes_prompts)
+        config = vgpo.Config(**fields, reward=SHAPES_REWARDS[reward], beta=0.0, **METHODS["GRPO"])
         backend = vgpo.build_backend(config)
         reward_fn = vgpo.checked_reward(backend.load_reward(config.reward), config.reward)
         sigmas, G, N = backend.sigmas(config.num_steps), config.group_size, args.premise_groups // 2 * 2
@@ -570,14 +573,16 @@ def gradients(args) -> None:
                 )
             pairs = list(itertools.combinations(grads, 2))
             cos = {(i, j): (grads[i] @ grads[j]).item() for i, j in pairs}
-            other = torch.tensor([c for (i, j), c in cos.items() if i // 2 != j // 2])
-            same = torch.tensor([c for (i, j), c in cos.items() if i // 2 == j // 2])
+            first = prompts[::G]  # each group's prompt
+            other = torch.tensor([c for (i, j), c in cos.items() if first[i] != first[j]])
+            same = torch.tensor([c for (i, j), c in cos.items() if first[i] == first[j]])
             mean_grad = torch.stack(list(grads.values())).mean(0).norm().item()  # 1 if all agree
             results.append(
                 dict(reward=reward, steps=f"{steps.start}-{steps.stop - 1}", sigmas=f"{sigmas[steps.start]:.2f}-"
                      f"{sigmas[steps.stop - 1]:.2f}", groups=len(grads), prompts=N // 2,
-                     reward_mean=info["reward_mean"], mean_cos=other.mean().item(),
-                     sem_cos=(other.std() / len(grads)).item(), mean_abs_cos=other.abs().mean().item(),
+                     reward_mean=info["reward_mean"], mean_cos=other.mean().item() if len(other) else float("nan"),
+                     sem_cos=(other.std() / len(grads)).item() if len(other) > 1 else float("nan"),
+                     mean_abs_cos=other.abs().mean().item() if len(other) else float("nan"),
                      same_pairs=len(same), same_cos=same.mean().item() if len(same) else float("nan"),
                      same_sem=(same.std() / len(same) ** 0.5).item() if len(same) > 1 else float("nan"),
                      mean_unit_norm=mean_grad, noise_unit_norm=len(grads) ** -0.5)
@@ -586,7 +591,8 @@ def gradients(args) -> None:
     with open(os.path.join(args.out, "shapes_gradients.json"), "w") as f:
         json.dump(results, f, indent=1)
     lines = [
-        f"`python experiments.py gradients --premise_groups {args.premise_groups}`: GRPO's per-group policy "
+        f"`python experiments.py gradients --premise_groups {args.premise_groups} --shapes_prompts "
+        f"'{args.shapes_prompts}'`: GRPO's per-group policy "
         "gradients on one rollout of the shapes preset, each prompt in two groups of its own noise (groups "
         "with one score have none). Different prompts: every pair of groups of two prompts, sem taken as "
         "std / groups (pairs are not independent); same prompt: the two groups of one prompt, sem std / "

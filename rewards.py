@@ -323,15 +323,18 @@ def components(mask) -> list:
 
 
 def classify_shape(ys, xs) -> str:
-    """circle | square | triangle of one solid component, from its bounding box: a triangle (standing
-    on its base) has far less area in its top half than in its bottom half; a square fills its box
-    and its corner pixels, which a circle never holds (rasterised circles fill up to 94 % of it)."""
+    """circle | square | triangle | other of one solid component, from its bounding box: a triangle
+    (standing on its base) has far less area in its top half than in its bottom half; a box more than
+    1.4 times as long as it is wide holds no circle or square (other); a square fills its box and its
+    corner pixels, which a circle never holds (rasterised circles fill up to 94 % of it)."""
     top, left = ys.min(), xs.min()
     h, w = ys.max() - top + 1, xs.max() - left + 1
     upper = (ys - top < h / 2).sum()
     lower = (ys - top >= (h + 1) / 2).sum() if h > 1 else upper
     if upper < 0.7 * max(lower, 1):
         return "triangle"
+    if max(h, w) > 1.4 * min(h, w):
+        return "other"  # a bar or rectangle is no shape of the grammar (a policy drew 8 x 4 blocks)
     cells = set(zip((ys - top).tolist(), (xs - left).tolist(), strict=True))
     corners = sum((y, x) in cells for y in (0, h - 1) for x in (0, w - 1))
     fill = len(ys) / (h * w)
@@ -340,13 +343,16 @@ def classify_shape(ys, xs) -> str:
 
 def find_objects(arr, min_side: float = 0.12) -> list:
     """Solid objects of the four colours in one image: [(colour, shape, box centre (x, y))]. Components
-    smaller than 30 % of a square of `min_side` of the image side are specks, not objects."""
+    smaller than 30 % of a square of `min_side` of the image side, or whose box's longer side is
+    under 80 % of `min_side`, are specks, not objects: the benchmark's shapes are 12-30 % of the side,
+    and without the second floor a policy learned to pass "a red square" with patch-sized 4 x 4
+    blocks at 48 px (README, Shapes)."""
     size = arr.shape[0]
-    min_area = max(3, 0.3 * (min_side * size) ** 2)
+    min_area, min_box = max(3, 0.3 * (min_side * size) ** 2), 0.8 * min_side * size
     found = []
     for color, mask in color_masks(arr).items():
         for ys, xs in components(mask):
-            if len(ys) >= min_area:
+            if len(ys) >= min_area and max(np.ptp(ys), np.ptp(xs)) + 1 >= min_box:
                 box_centre = ((xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2)  # as GenEval's boxes
                 found.append((color, classify_shape(ys, xs), box_centre))
     return found

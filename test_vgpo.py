@@ -1105,6 +1105,22 @@ def test_geneval_shapes_judges_the_models_48_px_nearly_always_right():
     assert strict.mean() >= 0.95, strict.mean()
 
 
+def test_geneval_shapes_ignores_patch_sized_blocks_and_rectangles():
+    # a policy learned to pass "a red square" with several 4 x 4 red blocks at 48 px (one patch of
+    # the model): under the 12-30 % of the side the benchmark's shapes have, they are specks; and
+    # then with 8 x 4 blocks, which are no square
+    image = np.full((48, 48, 3), 128, np.uint8)
+    for y, x in [(8, 8), (8, 30), (30, 20)]:
+        image[y : y + 4, x : x + 4] = (230, 20, 40)
+    reward = rewards.load_reward("geneval_shapes")
+    assert reward(_as_batch([image]), ["a photo of a red square"]).item() == 0.0
+    bar = image.copy()
+    bar[30:38, 20:36] = (230, 20, 40)  # an 8 x 16 rectangle: no square either
+    assert reward(_as_batch([bar]), ["a photo of a red square"]).item() == 0.0
+    image[30:36, 20:26] = (230, 20, 40)  # 6 px: 12.5 % of the side, the smallest specified square
+    assert reward(_as_batch([image]), ["a photo of a red square"]).item() == 1.0
+
+
 def test_premise_stats_against_hand_computed_cases():
     final = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5])  # two groups of 3
     same = experiments.premise_stats(final[:, None].repeat(1, 2), final, 3)
