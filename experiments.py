@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import statistics
 import time
@@ -349,6 +350,11 @@ def load_shapes_runs(out: str) -> list:
     return runs
 
 
+def last_finite(history: list, key: str) -> float:
+    """The last finite value of a logged metric (an iteration without an update logs NaN, decision 12)."""
+    return next((h[key] for h in reversed(history) if math.isfinite(h[key])), float("nan"))
+
+
 def shapes_report(args) -> None:
     """Table (shapes_methods.md) and figure (shapes_methods.png) of the finished runs (not the sweep's)."""
     runs = [r for r in load_shapes_runs(args.out) if "kappa" not in r and "gamma" not in r]
@@ -380,7 +386,7 @@ def shapes_report(args) -> None:
                 f"{mean_std(zs(r, lambda h: h[:10]) for r in rs)} / {mean_std(zs(r, lambda h: h[-10:]) for r in rs)}",
                 f"{statistics.mean(h['adv_rel_abs'] for h in hist):.2f} / "
                 f"{statistics.mean(h['adv_anchor_abs'] for h in hist):.2f}",
-                f"{statistics.mean(r['history'][-1]['kl_ref'] for r in rs):.1e}",
+                f"{statistics.mean(last_finite(r['history'], 'kl_ref') for r in rs):.1e}",
                 f"{statistics.mean(h['seconds'] for h in hist):.1f}",
             ]
             rows.append(f"| {reward} | {method} | " + " | ".join(cells) + " |")
