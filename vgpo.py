@@ -1637,8 +1637,10 @@ def summary(history: list, config: Config, seconds: float) -> str:
     if evals and history[0].get("eval_reward_before") is not None:
         before, after = history[0]["eval_reward_before"], evals[-1][1]
         weights = "EMA weights" if config.ema else "trained weights"
+        fixed = config.prompt_file or (config.model == "shapes" and config.shapes_prompts != "grammar")
+        where = "the training prompts, new noise" if fixed else "held-out"
         lines.insert(
-            0, f"eval reward (ODE, {config.eval_steps} steps, held-out, {weights}): {before:.4f} -> {after:.4f}"
+            0, f"eval reward (ODE, {config.eval_steps} steps, {where}, {weights}): {before:.4f} -> {after:.4f}"
         )
     if evals:
         best = max(evals, key=lambda e: e[1])
