@@ -192,7 +192,7 @@ PRESETS = {
     ),
     "shapes": dict(  # the CPU image demo (README "Shapes")
         # one prompt, trained and evaluated on (new noise): the base model almost never draws a red
-        # square (strict 0.02), so most groups score all 0: VGPO's case. Over the whole grammar
+        # square (strict 0.02-0.06), so most groups score all 0: VGPO's case. Over the whole grammar
         # ("grammar", held-out prompts: the benchmark) nothing learns in 40 iterations
         shapes_prompts="a photo of a red square",
         resolution=48,  # the model's side (shapes.SIZE)
