@@ -156,6 +156,11 @@ class Config:
         validate_config(self)
 
     @property
+    def fixed_prompts(self) -> bool:
+        """Training and evaluation on given prompts (a prompt_file, or a list of shapes_prompts), new noise."""
+        return bool(self.prompt_file) or (self.model == "shapes" and self.shapes_prompts != "grammar")
+
+    @property
     def use_weights(self) -> bool:
         return self.dense_values if self.weighting == "auto" else self.weighting == "on"
 
@@ -954,8 +959,7 @@ class ShapesBackend(SD3Backend):
         self.held_out = [p for group in itertools.zip_longest(*held.values()) for p in group if p]
         self.train_prompts = sorted(set(shapes.all_prompts()) - set(held["two objects"] + held["position"]))
         self.by_category = {c: [p for p in self.train_prompts if shapes.parse_prompt(p)[0] == c] for c in held}
-        self.fixed = bool(config.prompt_file) or config.shapes_prompts != "grammar"
-        if self.fixed:  # as SD3Backend: training and evaluation on the given prompts (new noise)
+        if config.fixed_prompts:  # as SD3Backend: training and evaluation on the given prompts (new noise)
             field = "prompt_file" if config.prompt_file else "shapes_prompts"
             self.train_prompts = self.held_out = (
                 read_prompts(config.prompt_file) if config.prompt_file else shapes_prompt_list(config.shapes_prompts)
@@ -970,7 +974,7 @@ class ShapesBackend(SD3Backend):
         """Category-balanced, as the evaluation: the i-th prompt from category i mod 4, drawn without
         repeats within a category (72 % of the grammar's training prompts are positions).
         With a prompt_file or a list of shapes_prompts: distinct prompts of it (decision 11)."""
-        if self.fixed:
+        if self.config.fixed_prompts:
             return draw_prompts(self.train_prompts, n, generator)
         cats = list(self.by_category)
         per = {c: draw_prompts(self.by_category[c], len(range(i, n, len(cats))), generator) for i, c in enumerate(cats)}
@@ -1637,8 +1641,7 @@ def summary(history: list, config: Config, seconds: float) -> str:
     if evals and history[0].get("eval_reward_before") is not None:
         before, after = history[0]["eval_reward_before"], evals[-1][1]
         weights = "EMA weights" if config.ema else "trained weights"
-        fixed = config.prompt_file or (config.model == "shapes" and config.shapes_prompts != "grammar")
-        where = "the training prompts, new noise" if fixed else "held-out"
+        where = "the training prompts, new noise" if config.fixed_prompts else "held-out"
         lines.insert(
             0, f"eval reward (ODE, {config.eval_steps} steps, {where}, {weights}): {before:.4f} -> {after:.4f}"
         )
