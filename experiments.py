@@ -319,9 +319,15 @@ def shapes_jobs(args) -> list:
     base = {"iterations": args.iterations} if args.iterations else {}
     if args.shapes_prompts != "grammar":
         base["shapes_prompts"] = args.shapes_prompts
-    jobs = [("strict", m, s, base) for s in range(3) for m in names]
-    jobs += [("partial", m, s, base) for s in range(3) for m in ("GRPO", "VGPO") if m in names]
-    jobs += [("strict", m, s, base) for s in range(3, args.seeds) for m in names]
+    rewards_ = args.rewards.split(",")
+    bad = [r for r in rewards_ if r not in SHAPES_REWARDS]
+    if bad:
+        raise SystemExit(f"--rewards {args.rewards!r}: {bad} not in {list(SHAPES_REWARDS)}")
+    jobs = [("strict", m, s, base) for s in range(3) for m in names if "strict" in rewards_]
+    jobs += [
+        ("partial", m, s, base) for s in range(3) for m in ("GRPO", "VGPO") if m in names and "partial" in rewards_
+    ]
+    jobs += [("strict", m, s, base) for s in range(3, args.seeds) for m in names if "strict" in rewards_]
     if args.sweep:
         jobs += [("strict", "VGPO", s, base | {"kappa": k}) for s in range(3) for k in (0.5, 2.0)]
         jobs += [("strict", "VGPO", s, base | {"gamma": g}) for s in range(3) for g in (0.5, 0.99)]
@@ -400,6 +406,37 @@ def shapes_report(args) -> None:
         f.write(text)
     shapes_figure(runs, os.path.join(args.out, "shapes_methods.png"), where)
     print(text)
+    shapes_sweep_report(args.out)
+
+
+def shapes_sweep_report(out: str) -> None:
+    """shapes_sweep.md: VGPO's kappa and gamma (--sweep) beside VGPO's defaults on the same seeds."""
+    all_runs = load_shapes_runs(out)
+    sweep_runs = [r for r in all_runs if "kappa" in r or "gamma" in r]
+    if not sweep_runs:
+        return
+    default = vgpo.Config()
+    settings = {(r.get("kappa", default.kappa), r.get("gamma", default.gamma)): [] for r in sweep_runs}
+    settings = {(default.kappa, default.gamma): [], **settings}
+    for r in all_runs:
+        if r["reward"] == "strict" and r["method"] == "VGPO" and r["seed"] < 3:
+            settings[(r.get("kappa", default.kappa), r.get("gamma", default.gamma))].append(r)
+    rows = ["| kappa | gamma | seeds | strict acc. ODE 20 | per seed | zero_std_ratio last 10 it. |", "|---" * 6 + "|"]
+    for (kappa, gamma), rs in settings.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        per_seed = ", ".join(f"{r['final']['ode20']:.3f}" for r in rs)
+        zero = mean_std(statistics.mean(h["zero_std_ratio"] for h in r["history"][-10:]) for r in rs)
+        rows.append(
+            f"| {kappa} | {gamma} | {len(rs)} | {mean_std(r['final']['ode20'] for r in rs)} | {per_seed} | {zero} |"
+        )
+    text = (
+        f"`python experiments.py shapes --methods VGPO --rewards strict --sweep` then `shapes_report` ({out}): "
+        f"VGPO, strict reward, seeds 0-2, mean ± std over seeds; the first row is the default (kappa "
+        f"{default.kappa}, gamma {default.gamma}).\n\n" + "\n".join(rows) + "\n"
+    )
+    with open(os.path.join(out, "shapes_sweep.md"), "w") as f:
+        f.write(text)
+    print(text)
 
 
 def shapes_figure(runs: list, path: str, where: str = "held-out") -> None:
@@ -459,7 +496,9 @@ def premise_stats(instant, final, group_size: int) -> dict:
     """How well step k's projected reward predicts the final one. instant (B, T), final (B,),
     samples group-major. Per k: Pearson correlation over all samples; within groups (each group's
     mean removed from both, as the group-relative advantage sees them); and the fraction of samples
-    whose within-group deviation has the final one's sign, among those with a nonzero final deviation."""
+    whose within-group deviation has the final one's sign, among those with a nonzero final deviation;
+    and, among the groups whose final rewards are all equal (no signal for GRPO, decision 12), the
+    fraction whose step-k rewards differ (a signal only the dense values give)."""
 
     def pearson(a, b):
         a, b = a - a.mean(), b - b.mean()
@@ -469,13 +508,16 @@ def premise_stats(instant, final, group_size: int) -> dict:
     dev = lambda r: r - r.reshape(-1, group_size).mean(1).repeat_interleave(group_size)  # noqa: E731
     d_final = dev(final)
     mask = d_final != 0
-    out = {"corr": [], "corr_within": [], "sign_agree": []}
+    flat = final.reshape(-1, group_size).std(1, correction=0) == 0  # (groups,)
+    out = {"corr": [], "corr_within": [], "sign_agree": [], "flat_final_signal": [], "flat_groups": flat.sum().item()}
     for k in range(instant.shape[1]):
         d_k = dev(instant[:, k])
         out["corr"].append(pearson(instant[:, k], final))
         out["corr_within"].append(pearson(d_k, d_final))
         agree = (torch.sign(d_k[mask]) == torch.sign(d_final[mask])).float()
         out["sign_agree"].append(agree.mean().item() if mask.any() else float("nan"))
+        varied = instant[:, k].reshape(-1, group_size).std(1, correction=0)[flat] > 0
+        out["flat_final_signal"].append(varied.float().mean().item() if flat.any() else float("nan"))
     return out
 
 
@@ -502,7 +544,7 @@ def premise(args) -> None:
     import rewards
 
     torch.set_num_threads(args.threads)
-    config = vgpo.Config(**SHAPES_BENCH, seed=0)
+    config = vgpo.Config(**dict(SHAPES_BENCH, shapes_prompts=args.shapes_prompts), seed=0)
     backend = vgpo.build_backend(config)
     base = vgpo.lora_state(backend)
     trained_path = os.path.join(args.out, "shapes_runs", "strict_VGPO_s0.lora.safetensors")
@@ -511,7 +553,7 @@ def premise(args) -> None:
     sigmas = backend.sigmas(config.num_steps)
     groups, G = args.premise_groups, config.group_size
     prompts = [p for p in backend.prompts(groups, vgpo.make_generator(7, 0)) for _ in range(G)]  # as in training
-    results = {"sigmas": sigmas.tolist(), "groups": groups, "group_size": G, "runs": []}
+    results = {"sigmas": sigmas.tolist(), "groups": groups, "group_size": G, "prompts": args.shapes_prompts, "runs": []}
     for policy, path in policies.items():
         vgpo.set_lora(backend, base)
         if path:
@@ -635,17 +677,20 @@ def premise_report(results: dict, out: str) -> None:
         "|---" * (4 + len(sig)),
     ]
     for r in results["runs"]:
-        for key in ("corr_within", "sign_agree"):
+        for key in ("corr_within", "sign_agree", "flat_final_signal"):
+            if key not in r:  # runs before the field
+                continue
             cells = " | ".join("–" if v != v else f"{v:.2f}" for v in r[key])
             rows.append(f"| {r['policy']} | {r['sampler']} | {r['reward']} | {r['estimate']}: {key} | {cells} |")
     text = (
-        f"`python experiments.py premise`: {results['groups']} training prompts x {results['group_size']} samples, "
-        "10 steps; for each step k, the reward of the state after step k (its one-step projection, or a 3-step "
-        "ODE completion) against the final reward. corr_within: Pearson correlation after removing each "
+        f"`python experiments.py premise`: {results['groups']} training prompts "
+        f"({results.get('prompts', 'grammar')}) x {results['group_size']} samples, 10 steps; for each step k, "
+        "the reward of the state after step k (its one-step projection, or a 3-step ODE completion) against "
+        "the final reward. corr_within: Pearson correlation after removing each "
         "group's mean; sign_agree: fraction of samples whose within-group deviation at k has the final "
-        "deviation's sign (samples with a nonzero final deviation). The last step is the final reward itself.\n\n"
-        + "\n".join(rows)
-        + "\n"
+        "deviation's sign (samples with a nonzero final deviation); flat_final_signal: of the groups whose final "
+        "rewards are all equal (no signal for GRPO), the fraction whose rewards at k differ. The last step is "
+        "the final reward itself.\n\n" + "\n".join(rows) + "\n"
     )
     with open(os.path.join(out, "shapes_premise.md"), "w") as f:
         f.write(text)
@@ -1058,6 +1103,7 @@ def main(argv=None):
     parser.add_argument("--decode_batch", type=int, default=None, help="gpu_check: images per VAE decode call")
     parser.add_argument("--skip_resident", action="store_true", help="gpu_check: offloaded text encoders only")
     parser.add_argument("--memory_cap_gib", type=float, default=0, help="gpu_check: act as a card of this size")
+    parser.add_argument("--rewards", default="strict,partial", help="shapes: the rewards trained on (strict, partial)")
     parser.add_argument("--sweep", action="store_true", help="shapes: also kappa 0.5, 2 and gamma 0.5, 0.99 (VGPO)")
     parser.add_argument("--threads", type=int, default=2, help="premise, gradients: torch threads")
     parser.add_argument("--premise_groups", type=int, default=16, help="premise, gradients: prompts (groups of G)")

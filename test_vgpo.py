@@ -1121,6 +1121,38 @@ def test_geneval_shapes_ignores_patch_sized_blocks_and_rectangles():
     assert reward(_as_batch([image]), ["a photo of a red square"]).item() == 1.0
 
 
+def _shapes_record(method, seed, ode20, **overrides):
+    history = [
+        dict(zero_std_ratio=z, adv_rel_abs=0.5, adv_anchor_abs=0.1, kl_ref=1e-4, seconds=1.0) for z in (0.8, 0.4)
+    ]
+    final = dict(ode10=ode20, ode20=ode20, ode40=ode20, sde10=ode20)
+    return dict(reward="strict", method=method, seed=seed, **overrides, iterations=2, shapes_prompts="grammar",
+                eval_before=0.1, evals=[(2, ode20)], final=final, history=history)  # fmt: skip
+
+
+def test_shapes_jobs_filter_rewards_and_the_sweep_table_reads_the_runs(tmp_path):
+    from argparse import Namespace
+
+    args = Namespace(methods="GRPO,VGPO", iterations=2, shapes_prompts="grammar", rewards="strict", seeds=4,
+                     sweep=True, out=str(tmp_path), workers=1)  # fmt: skip
+    jobs = experiments.shapes_jobs(args)
+    assert {j[0] for j in jobs} == {"strict"} and len(jobs) == 2 * 4 + 12  # seeds 0-3, then 12 sweep runs
+    assert jobs[-1][1:4] == ("VGPO", 2, {"iterations": 2, "gamma": 0.99})
+    with pytest.raises(SystemExit, match="strictest"):
+        experiments.shapes_jobs(Namespace(**{**vars(args), "rewards": "strictest"}))
+    os.makedirs(tmp_path / "shapes_runs")
+    records = [_shapes_record("GRPO", 0, 0.0)] + [_shapes_record("VGPO", s, v) for s, v in enumerate((0.1, 0.2, 0.3))]
+    records += [_shapes_record("VGPO", s, v, kappa=2.0) for s, v in enumerate((0.4, 0.5, 0.6))]
+    for i, r in enumerate(records):
+        (tmp_path / "shapes_runs" / f"{i}.json").write_text(json.dumps(r))
+    experiments.shapes_report(args)
+    methods = (tmp_path / "shapes_methods.md").read_text()
+    assert "| strict | VGPO | 3 | 0.200 ± 0.082 |" in methods and "kappa" not in methods  # the sweep is apart
+    sweep = (tmp_path / "shapes_sweep.md").read_text()
+    assert "| 1.0 | 0.9 | 3 | 0.200 ± 0.082 | 0.100, 0.200, 0.300 | 0.600 ± 0.000 |" in sweep
+    assert "| 2.0 | 0.9 | 3 | 0.500 ± 0.082 | 0.400, 0.500, 0.600 |" in sweep
+
+
 def test_premise_stats_against_hand_computed_cases():
     final = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5])  # two groups of 3
     same = experiments.premise_stats(final[:, None].repeat(1, 2), final, 3)
@@ -1133,6 +1165,14 @@ def test_premise_stats_against_hand_computed_cases():
     d_f = torch.tensor([2 / 3, -1 / 3, -1 / 3, 1 / 3, -1 / 6, -1 / 6])
     expected = (d_k @ d_f / (d_k.norm() * d_f.norm())).item()  # both have zero mean already
     assert stats["corr_within"][0] == pytest.approx(expected) and expected == pytest.approx(-0.6)
+    # no group has one final score: no flat group to count
+    assert stats["flat_groups"] == 0 and math.isnan(stats["flat_final_signal"][0])
+    flat_final = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0])  # groups 1-2 flat, 3 not
+    steps = torch.tensor(
+        [[0.0, 0.0], [0.0, 1.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [0, 1], [1, 0], [0, 1]]
+    )
+    flat = experiments.premise_stats(steps, flat_final, 3)
+    assert flat["flat_groups"] == 2 and flat["flat_final_signal"] == [0.0, 0.5]  # at k=1 group 1 varies
 
 
 def test_geneval_shapes_near_misses_score_zero_strict_and_below_one_partial():
