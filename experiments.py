@@ -694,8 +694,11 @@ def premise_report(results: dict, out: str) -> None:
     )
     with open(os.path.join(out, "shapes_premise.md"), "w") as f:
         f.write(text)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-    for ax, key in zip(axes, ("corr", "corr_within", "sign_agree"), strict=True):
+    keys = ("corr", "corr_within", "sign_agree") + (
+        ("flat_final_signal",) if "flat_final_signal" in results["runs"][0] else ()
+    )
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8))
+    for ax, key in zip(axes, keys, strict=True):
         for r in results["runs"]:
             if r["reward"] != "strict" and key != "corr_within":
                 continue
