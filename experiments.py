@@ -230,6 +230,11 @@ SHAPES_REWARDS = {"strict": "geneval_shapes", "partial": "geneval_shapes_partial
 SHAPES_BENCH = dict(model="shapes", shapes_prompts="grammar")
 
 
+def shapes_fields(args) -> dict:
+    """The benchmark's Config fields on --shapes_prompts (the grammar unless given)."""
+    return dict(SHAPES_BENCH, shapes_prompts=args.shapes_prompts)
+
+
 def load_lora(backend, path: str) -> None:
     """Put a saved vgpo.lora_state() (safetensors) into a backend built with the same LoRA settings."""
     from safetensors.torch import load_file
@@ -363,7 +368,8 @@ def last_finite(history: list, key: str) -> float:
 
 def shapes_report(args) -> None:
     """Table (shapes_methods.md) and figure (shapes_methods.png) of the finished runs (not the sweep's)."""
-    runs = [r for r in load_shapes_runs(args.out) if "kappa" not in r and "gamma" not in r]
+    all_runs = load_shapes_runs(args.out)
+    runs = [r for r in all_runs if not is_sweep(r)]
     if not runs:
         raise SystemExit(f"no finished runs in {args.out}/shapes_runs: run `python experiments.py shapes` first")
     prompts = runs[0].get("shapes_prompts", "grammar")  # runs before the field: the grammar
@@ -406,21 +412,22 @@ def shapes_report(args) -> None:
         f.write(text)
     shapes_figure(runs, os.path.join(args.out, "shapes_methods.png"), where)
     print(text)
-    shapes_sweep_report(args.out)
+    if any(map(is_sweep, all_runs)):
+        shapes_sweep_report(all_runs, args.out)
 
 
-def shapes_sweep_report(out: str) -> None:
+def is_sweep(run: dict) -> bool:
+    """A run of shapes --sweep (its record names the kappa or gamma it changed)."""
+    return "kappa" in run or "gamma" in run
+
+
+def shapes_sweep_report(all_runs: list, out: str) -> None:
     """shapes_sweep.md: VGPO's kappa and gamma (--sweep) beside VGPO's defaults on the same seeds."""
-    all_runs = load_shapes_runs(out)
-    sweep_runs = [r for r in all_runs if "kappa" in r or "gamma" in r]
-    if not sweep_runs:
-        return
     default = vgpo.Config()
-    settings = {(r.get("kappa", default.kappa), r.get("gamma", default.gamma)): [] for r in sweep_runs}
-    settings = {(default.kappa, default.gamma): [], **settings}
+    settings = {(default.kappa, default.gamma): []}  # the default first, then the sweep's in file order
     for r in all_runs:
         if r["reward"] == "strict" and r["method"] == "VGPO" and r["seed"] < 3:
-            settings[(r.get("kappa", default.kappa), r.get("gamma", default.gamma))].append(r)
+            settings.setdefault((r.get("kappa", default.kappa), r.get("gamma", default.gamma)), []).append(r)
     rows = ["| kappa | gamma | seeds | strict acc. ODE 20 | per seed | zero_std_ratio last 10 it. |", "|---" * 6 + "|"]
     for (kappa, gamma), rs in settings.items():
         rs = sorted(rs, key=lambda r: r["seed"])
@@ -475,7 +482,7 @@ def shapes_grids(args) -> None:
     --shapes_prompts) and noise: one PNG each."""
     import rewards
 
-    config = vgpo.Config(**dict(SHAPES_BENCH, shapes_prompts=args.shapes_prompts), seed=0)
+    config = vgpo.Config(**shapes_fields(args), seed=0)
     backend = vgpo.build_backend(config)
     strict = rewards.load_reward("geneval_shapes")
     prompts = backend.eval_prompts(12)
@@ -544,7 +551,7 @@ def premise(args) -> None:
     import rewards
 
     torch.set_num_threads(args.threads)
-    config = vgpo.Config(**dict(SHAPES_BENCH, shapes_prompts=args.shapes_prompts), seed=0)
+    config = vgpo.Config(**shapes_fields(args), seed=0)
     backend = vgpo.build_backend(config)
     base = vgpo.lora_state(backend)
     trained_path = os.path.join(args.out, "shapes_runs", "strict_VGPO_s0.lora.safetensors")
@@ -595,8 +602,7 @@ def gradients(args) -> None:
     torch.set_num_threads(args.threads)
     results = []
     for reward in ("strict", "partial"):
-        fields = dict(SHAPES_BENCH, shapes_prompts=args.shapes_prompts)
-        config = vgpo.Config(**fields, reward=SHAPES_REWARDS[reward], beta=0.0, **METHODS["GRPO"])
+        config = vgpo.Config(**shapes_fields(args), reward=SHAPES_REWARDS[reward], beta=0.0, **METHODS["GRPO"])
         backend = vgpo.build_backend(config)
         reward_fn = vgpo.checked_reward(backend.load_reward(config.reward), config.reward)
         sigmas, G, N = backend.sigmas(config.num_steps), config.group_size, args.premise_groups // 2 * 2
