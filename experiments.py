@@ -744,14 +744,14 @@ def shapes_batch(n: int, size: int, seed: int = 0):
 
 def reward_cost(args) -> None:
     """Milliseconds per image of the offline rewards: 8 images with rendered text per size, and
-    64 random shapes scenes at the model's 48 px for the GenEval-style rewards."""
+    64 random shapes scenes at the model's 32 px for the GenEval-style rewards."""
     import rewards
 
     rows = ["| reward | image side | ms / image | mean reward |", "|---|---|---|---|"]
     for name in rewards.OFFLINE_REWARDS:
         fn = rewards.load_reward(name)
         shapes_reward = name.startswith("geneval_shapes")
-        for size in (48,) if shapes_reward else (256, 512):
+        for size in (shapes.SIZE,) if shapes_reward else (256, 512):
             if shapes_reward:
                 images, prompts = shapes_batch(64, size)
             else:

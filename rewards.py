@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import shapes
+
 OFFLINE_REWARDS = ("ocr", "jpeg_compressibility", "jpeg_incompressibility", "geneval_shapes", "geneval_shapes_partial")
 
 
@@ -307,55 +309,57 @@ def color_masks(arr) -> dict:
     }
 
 
-def components(mask) -> list:
-    """4-connected components of a bool mask, as lists of (ys, xs) index arrays."""
-    h, w = mask.shape
-    big = h * w + 1
-    labels = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), 0)
-    while True:  # each pass spreads the smallest label one pixel further; as many passes as the widest part
-        p = np.pad(labels, 1)
-        nb = np.stack([p[1:-1, 1:-1], p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]])
-        new = np.where(mask, np.where(nb == 0, big, nb).min(0), 0)
-        if np.array_equal(new, labels):
-            break
-        labels = new
-    return [np.nonzero(labels == value) for value in np.unique(labels[labels > 0])]
+def ideal_forms(h: int, w: int) -> dict:
+    """The three ideal filled forms fitted to an (h, w) box, sampled at pixel centres: {name: (h, w) bool}.
+    circle: the ellipse inscribed in the box; square: the whole box; triangle: apex at the top
+    centre, base along the bottom edge (upright, as the renderer draws it)."""
+    y, x = (np.mgrid[0:h, 0:w] + 0.5) / np.array([h, w])[:, None, None]  # (h, w) each, in [0, 1]
+    return {
+        "circle": (2 * x - 1) ** 2 + (2 * y - 1) ** 2 <= 1,
+        "square": np.ones((h, w), bool),
+        "triangle": np.abs(2 * x - 1) <= y,
+    }
 
 
-def classify_shape(ys, xs) -> str:
-    """circle | square | triangle | other of one solid component, from its bounding box: a triangle
-    (standing on its base) has far less area in its top half than in its bottom half; a box more than
-    1.4 times as long as it is wide holds no circle or square (other); a square fills its box and its
-    corner pixels, which a circle never holds (rasterised circles fill up to 94 % of it)."""
-    top, left = ys.min(), xs.min()
-    h, w = ys.max() - top + 1, xs.max() - left + 1
-    upper = (ys - top < h / 2).sum()
-    lower = (ys - top >= (h + 1) / 2).sum() if h > 1 else upper
-    if upper < 0.7 * max(lower, 1):
-        return "triangle"
-    if max(h, w) > 1.4 * min(h, w):
-        return "other"  # a bar or rectangle is no shape of the grammar (a policy drew 8 x 4 blocks)
-    cells = set(zip((ys - top).tolist(), (xs - left).tolist(), strict=True))
-    corners = sum((y, x) in cells for y in (0, h - 1) for x in (0, w - 1))
-    fill = len(ys) / (h * w)
-    return "square" if fill >= 0.97 or (fill >= 0.85 and corners >= 3) else "circle"
+def recognise_shape(crop, min_iou: float = 0.8, max_aspect: float = 1.3) -> str:
+    """circle | square | triangle | other, for one component's box crop (h, w) bool: the ideal form
+    (`ideal_forms`) with the highest overlap (intersection over union) names it, when that overlap is
+    at least `min_iou` and the box is at most `max_aspect` times as long as wide (the grammar's
+    shapes are as wide as tall); anything else is no shape. Thresholds from renders (RESULTS.md):
+    honest shapes overlap their own form by 0.85-1.0, the next-best form by at most 0.8."""
+    h, w = crop.shape
+    if max(h, w) > max_aspect * min(h, w):
+        return "other"
+    overlaps = {name: (crop & form).sum() / max((crop | form).sum(), 1) for name, form in ideal_forms(h, w).items()}
+    best = max(overlaps, key=overlaps.get)
+    return best if overlaps[best] >= min_iou else "other"
 
 
-def find_objects(arr, min_side: float = 0.12) -> list:
-    """Solid objects of the four colours in one image: [(colour, shape, box centre (x, y))]. Components
-    smaller than 30 % of a square of `min_side` of the image side, or whose box's longer side is
-    under 80 % of `min_side`, are specks, not objects: the benchmark's shapes are 12-30 % of the side,
-    and without the second floor a policy learned to pass "a red square" with patch-sized 4 x 4
-    blocks at 48 px (README, Shapes)."""
-    size = arr.shape[0]
-    min_area, min_box = max(3, 0.3 * (min_side * size) ** 2), 0.8 * min_side * size
-    found = []
+def find_objects(arr, min_side: float = 0.25) -> tuple[list, int]:
+    """Solid objects of the four colours in one image (H, W, 3) uint8: ([(colour, shape, box centre
+    (x, y))], number of unrecognised components). Components are 8-connected per colour (OpenCV).
+    A component with fewer pixels than 15 % of a square of `min_side` of the image side (the
+    benchmark's smallest shape is 25 %: its triangle has 50 % of that square) is a speck and
+    ignored. Above that, a component is an object only when `recognise_shape` names it and its box's
+    longer side is at least 85 % of `min_side`; otherwise it is unrecognised (clutter)."""
+    import cv2
+
+    side = min_side * arr.shape[0]
+    min_area, min_box = 0.15 * side**2, 0.85 * side
+    found, unrecognised = [], 0
     for color, mask in color_masks(arr).items():
-        for ys, xs in components(mask):
-            if len(ys) >= min_area and max(np.ptp(ys), np.ptp(xs)) + 1 >= min_box:
-                box_centre = ((xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2)  # as GenEval's boxes
-                found.append((color, classify_shape(ys, xs), box_centre))
-    return found
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+        for i in range(1, count):
+            left, top, w, h, area = stats[i]
+            if area < min_area:
+                continue
+            crop = labels[top : top + h, left : left + w] == i
+            shape = recognise_shape(crop) if max(h, w) >= min_box else "other"
+            if shape == "other":
+                unrecognised += 1
+            else:
+                found.append((color, shape, (left + w / 2, top + h / 2)))  # box centre, as GenEval's boxes
+    return found, unrecognised
 
 
 def shapes_requirements(scene, objects, size: int) -> list[bool]:
@@ -363,8 +367,6 @@ def shapes_requirements(scene, objects, size: int) -> list[bool]:
     an object of its shape; of its shape and colour; for counting prompts, exactly N of the shape (no
     extra of the counted kind) and exactly N of the shape and colour. For position prompts: some
     pair of the two things stands in the relation."""
-    import shapes
-
     requirements, matches = [], []
     for thing in scene.things:
         of_shape = [o for o in objects if o[1] == thing.shape]
@@ -381,13 +383,12 @@ def shapes_requirements(scene, objects, size: int) -> list[bool]:
 
 def _geneval_shapes(strict: bool):
     def reward_fn(images, prompts):
-        import shapes
-
         scenes = [shapes.parse_prompt(p)[1] for p in prompts]  # every prompt checked before any work
         scores = []
         for arr, scene in zip(to_uint8(images), scenes, strict=True):
-            met = shapes_requirements(scene, find_objects(arr), arr.shape[0])
-            scores.append(float(all(met)) if strict else sum(met) / len(met))
+            objects, unrecognised = find_objects(arr)
+            met = shapes_requirements(scene, objects, arr.shape[0])
+            scores.append(float(all(met) and unrecognised == 0) if strict else sum(met) / len(met))
         return torch.tensor(scores, dtype=torch.float32, device=images.device)
 
     return reward_fn
@@ -395,12 +396,15 @@ def _geneval_shapes(strict: bool):
 
 def geneval_shapes(device="cpu", threads=0):
     """GenEval's strict score on shapes.py scenes, in {0, 1}: 1 when every requirement of the prompt
-    holds (objects, colours, counts with no extra of the counted kind, relation). Offline, ~1 ms/image."""
+    holds (objects, colours, counts with no extra of the counted kind, relation) and the scene is
+    clean (no coloured component above a speck that is not a recognised shape). Offline."""
     return _geneval_shapes(strict=True)
 
 
 def geneval_shapes_partial(device="cpu", threads=0):
-    """The fraction of the prompt's requirements met (see shapes_requirements), in [0, 1]."""
+    """The fraction of the prompt's requirements met (see shapes_requirements), in [0, 1]: the same
+    recognition as the strict score (unrecognised components are no objects), without the clean-scene
+    condition, so that clutter neither earns nor costs partial credit."""
     return _geneval_shapes(strict=False)
 
 

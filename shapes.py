@@ -1,6 +1,7 @@
 """Shapes: synthetic scenes of solid shapes and GenEval-style prompts, for an image-level benchmark
-that runs on a CPU. This file holds the prompt grammar and the scene renderer; the reward that
-judges an image against its prompt is `rewards.geneval_shapes`.
+that runs on a CPU. This file holds the prompt grammar and the scene renderer (numpy only); the
+reward that judges an image against its prompt is `rewards.geneval_shapes`, and the base model
+that draws the scenes is `shapes_model.py`.
 
 Grammar (GenEval's categories and wording; COLOR in red, green, blue, yellow; SHAPE in circle,
 square, triangle; NUMBER in two, three, four):
@@ -11,7 +12,7 @@ square, triangle; NUMBER in two, three, four):
     position        a photo of a COLOR SHAPE RELATION a COLOR SHAPE    RELATION: left of, right of, above, below
 
 Scenes: a plain background that is none of the four colours (black, white or a grey), solid
-shapes of one of the four colours, sides 12-30 % of the image side, apart from each other;
+shapes of one of the four colours, sides 25-45 % of the image side (SIDE_RANGE), apart from each other;
 squares are axis-aligned and triangles stand on a horizontal base.
 """
 
@@ -21,13 +22,13 @@ import dataclasses
 import re
 
 import numpy as np
-import torch
-import torch.nn as nn
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 205, 40)}
 SHAPES = ("circle", "square", "triangle")
 NUMBERS = {"two": 2, "three": 3, "four": 4}
 RELATIONS = ("left of", "right of", "above", "below")
+SIZE = 32  # the benchmark's image side (pixels)
+SIDE_RANGE = (0.25, 0.45)  # shape sides as fractions of the image side
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +126,7 @@ def jitter_color(rgb, rng: np.random.Generator, amount: int) -> tuple:
 
 
 def render(
-    scene: Scene, size: int, rng: np.random.Generator, side_range=(0.12, 0.30), color_jitter=25, background=None
+    scene: Scene, size: int, rng: np.random.Generator, side_range=SIDE_RANGE, color_jitter=25, background=None
 ) -> np.ndarray:
     """A (size, size, 3) uint8 image of `scene`: its things at random places, apart; for a relation
     the first thing is placed on the right side of the second. Backgrounds: black, white or grey."""
@@ -139,7 +140,7 @@ def render(
             continue
         break
     else:
-        raise RuntimeError(f"could not place {prompt_of(scene)!r} at {size} px")
+        raise RuntimeError(f"could not place {scene} at {size} px")
     if background is None:
         background = [(0, 0, 0), (255, 255, 255), (int(rng.integers(60, 200)),) * 3][int(rng.integers(3))]
     image = np.empty((size, size, 3), np.uint8)
@@ -176,92 +177,6 @@ def random_scene(category: str, rng: np.random.Generator) -> Scene:
 CATEGORIES = ("single object", "counting", "two objects", "position")
 
 
-# ------------------------------------------------------------------------------------------------
-# Model: a small MMDiT (diffusers' SD3Transformer2DModel) on 48 px RGB pixels, a word-level text
-# encoder, flow-matching pretraining (predicting the clean image), held-out evaluation
-# ------------------------------------------------------------------------------------------------
-
-# 48 px, patch 4: 144 tokens of 4 x 4 pixels. Measured (README): patch 8 at 64 px (64 tokens) trained
-# 6000 steps drew 8 x 8 blocks, not shapes; patch 4 at 64 px costs 3.2x a step of 48 px; the reward
-# judges 97.8 % of random 48 px renders right (99.9 % at 64 px, 84.8 % at 32 px).
-SIZE = 48
-VOCAB = ["<pad>", "<empty>", "a", "an", "photo", "of", "and", "left", "right", "above", "below"]
-VOCAB += list(COLORS) + list(SHAPES) + [s + "s" for s in SHAPES] + list(NUMBERS)
-MAX_WORDS = 12
-MODEL = dict(
-    sample_size=SIZE,
-    patch_size=4,
-    in_channels=3,
-    out_channels=3,
-    num_layers=4,
-    attention_head_dim=32,
-    num_attention_heads=3,  # width 96
-    joint_attention_dim=64,
-    caption_projection_dim=96,
-    pooled_projection_dim=64,
-    pos_embed_max_size=SIZE // 4,
-)
-
-
-def tokenize(prompts) -> torch.Tensor:
-    """Word ids (B, MAX_WORDS), <pad>-filled; the empty prompt (classifier-free guidance) is <empty>."""
-    index = {w: i for i, w in enumerate(VOCAB)}
-    rows = []
-    for p in prompts:
-        words = p.lower().split() or ["<empty>"]
-        unknown = [w for w in words if w not in index]
-        if unknown or len(words) > MAX_WORDS:
-            raise ValueError(
-                f"prompt {p!r} is not in the shapes vocabulary (unknown {unknown}, or > {MAX_WORDS} words)"
-            )
-        rows.append([index[w] for w in words] + [0] * (MAX_WORDS - len(words)))
-    return torch.tensor(rows)
-
-
-def build_model(seed: int = 0):
-    """(transformer, text encoder): the MMDiT and a word embedding with learned positions."""
-    from diffusers import SD3Transformer2DModel
-
-    class TextEncoder(nn.Module):
-        """Word embeddings + learned positions -> (B, L, 64) tokens and a (B, 64) pooled mean."""
-
-        def __init__(self):
-            super().__init__()
-            self.words = nn.Embedding(len(VOCAB), MODEL["joint_attention_dim"])
-            self.positions = nn.Parameter(torch.zeros(MAX_WORDS, MODEL["joint_attention_dim"]))
-
-        def forward(self, ids):
-            tokens = self.words(ids) + self.positions  # (B, L, E)
-            keep = (ids > 0).float()[..., None]  # (B, L, 1)
-            return tokens * keep, (tokens * keep).sum(1) / keep.sum(1)  # (B, L, E), (B, E)
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return SD3Transformer2DModel(**MODEL), TextEncoder()
-
-
-def predict_x0(transformer, x, sigma, embeds, pooled):
-    """The network predicts the clean image; (B, 3, H, W) in [-1, 1] scale."""
-    t = torch.as_tensor(sigma, dtype=torch.float32).expand(x.shape[0]) * 1000
-    return transformer(hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled)[0]
-
-
-def velocity_from_x0(x, x0, sigma):
-    """v = (x - x0) / sigma on the path x = (1 - sigma) x0 + sigma x1."""
-    return (x - x0) / torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
-
-
-def training_batch(n: int, rng: np.random.Generator, held_out=None):
-    """n random scenes (all categories, training combinations only) as ([-1, 1] images, prompts)."""
-    scenes = []
-    while len(scenes) < n:
-        scene = random_scene(CATEGORIES[int(rng.integers(4))], rng)
-        if held_out is None or prompt_of(scene) not in held_out:
-            scenes.append(scene)
-    images = torch.tensor(np.stack([render(s, SIZE, rng) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return images, [prompt_of(s) for s in scenes]
-
-
 def all_prompts() -> list[str]:
     """Every prompt of the grammar (12 single, 36 counting, 132 two-object, 528 position)."""
     things = [Thing(c, s) for c in COLORS for s in SHAPES]
@@ -293,114 +208,73 @@ def held_out_prompts() -> dict:
     return out
 
 
-@torch.no_grad()
-def sample(transformer, encoder, prompts, steps: int = 20, guidance: float = 4.5, seed: int = 0):
-    """ODE samples (Euler, shift 1) with classifier-free guidance: images (B, 3, H, W) in [0, 1]."""
-    import vgpo
+# ------------------------------------------------------------------------------------------------
+# Images built to fool a shapes reward: drawings in the prompt's colour that are no shape of the grammar
+# ------------------------------------------------------------------------------------------------
 
-    sigmas = vgpo.sigma_schedule(steps, 1.0)  # (T+1,)
-    x = torch.randn(len(prompts), 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
-    cond, uncond = encoder(tokenize(prompts)), encoder(tokenize([""] * len(prompts)))
-    for k in range(steps):
-        x0c, x0u = (predict_x0(transformer, x, sigmas[k], *c) for c in (cond, uncond))
-        x0 = x0u + guidance * (x0c - x0u)  # (B, 3, H, W); guiding x0 guides v alike
-        x = x + velocity_from_x0(x, x0, sigmas[k].expand(len(x))) * (sigmas[k + 1] - sigmas[k])
-    return ((x.clamp(-1, 1) + 1) / 2).float()
+FOOLING_FAMILIES = ("blocks", "fringed blocks", "bars", "ragged blobs", "L", "plus", "T", "specks", "noise")
 
 
-def evaluate(transformer, encoder, per_category: int = 32, steps: int = 20, seed: int = 0) -> dict:
-    """Strict accuracy of ODE samples per category on held-out prompts (cycled), and overall."""
-    import rewards
+def fooling_image(family: str, size: int, rgb, rng: np.random.Generator) -> np.ndarray:
+    """A (size, size, 3) uint8 image of one FOOLING_FAMILIES member in colour `rgb` on a black,
+    white or grey background. blocks: 3-6 squares of 4 px (a patch of the first shapes model);
+    fringed blocks: the same inside a 1 px border blending colour and background; bars: 2-3.5 times
+    as long as wide; ragged blobs: a disk whose radius swings +-30 % in 2-5 lobes; L, plus, T: strokes
+    a third of a shape's side; specks: 30 dots of 1-2 px; noise: uniform pixel noise."""
+    image = np.empty((size, size, 3), np.uint8)
+    image[:] = [(0, 0, 0), (255, 255, 255), (128, 128, 128)][int(rng.integers(3))]
+    rgb = np.array(rgb)
+    lo, hi = (int(f * size) for f in SIDE_RANGE)
+    s = int(rng.integers(lo, hi + 1))  # a shape's side
+    t, (y, x) = max(2, s // 3), rng.integers(0, size - s, 2)
+    if family in ("blocks", "fringed blocks"):
+        for _ in range(int(rng.integers(3, 7))):
+            by, bx = rng.integers(1, size - 5, 2)
+            if family == "fringed blocks":
+                image[by - 1 : by + 5, bx - 1 : bx + 5] = (rgb + image[0, 0]) // 2
+            image[by : by + 4, bx : bx + 4] = rgb
+    elif family == "bars":
+        w = int(rng.integers(lo // 2, lo))
+        n = int(min(size - 2, w * rng.uniform(2, 3.5)))
+        y, x = rng.integers(0, size - n, 2)
+        image[y : y + w, x : x + n] = rgb
+        if rng.random() < 0.5:
+            image = image.transpose(1, 0, 2).copy()
+    elif family == "ragged blobs":
+        r0 = s / 2
+        cy, cx = rng.uniform(1.4 * r0, size - 1.4 * r0, 2)
+        yy, xx = np.mgrid[0:size, 0:size] + 0.5
+        angle = np.arctan2(yy - cy, xx - cx)
+        radius = r0 * (1 + 0.3 * np.sin(int(rng.integers(2, 6)) * angle + rng.uniform(0, 2 * np.pi)))
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = rgb
+    elif family in ("L", "plus", "T"):
+        mid = slice(x + (s - t) // 2, x + (s + t) // 2)
+        if family == "L":
+            image[y : y + s, x : x + t] = rgb
+            image[y + s - t : y + s, x : x + s] = rgb
+        elif family == "plus":
+            image[y + (s - t) // 2 : y + (s + t) // 2, x : x + s] = rgb
+            image[y : y + s, mid] = rgb
+        else:
+            image[y : y + t, x : x + s] = rgb
+            image[y : y + s, mid] = rgb
+    elif family == "specks":
+        for _ in range(30):
+            (dy, dx), d = rng.integers(0, size - 2, 2), int(rng.integers(1, 3))
+            image[dy : dy + d, dx : dx + d] = rgb
+    elif family == "noise":
+        image = rng.integers(0, 256, (size, size, 3)).astype(np.uint8)
+    else:
+        raise ValueError(f"unknown fooling family {family!r}; choose from {FOOLING_FAMILIES}")
+    return image
 
-    reward = rewards.load_reward("geneval_shapes")
-    out = {}
-    for category, pool in held_out_prompts().items():
-        prompts = [pool[i % len(pool)] for i in range(per_category)]
-        out[category] = reward(sample(transformer, encoder, prompts, steps, seed=seed), prompts).mean().item()
-    out["overall"] = sum(out.values()) / len(CATEGORIES)
+
+def fooling_images(size: int, rng: np.random.Generator, per_family: int = 10) -> list:
+    """(family, image, prompt) for `per_family` images of each family, each with a single-object prompt
+    of its colour (a random shape): the strict reward must give every one 0."""
+    out = []
+    for family in FOOLING_FAMILIES:
+        for _ in range(per_family):
+            color, shape = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
+            out.append((family, fooling_image(family, size, COLORS[color], rng), f"a photo of a {color} {shape}"))
     return out
-
-
-def pretrain(
-    steps: int,
-    path: str,
-    seed: int = 0,
-    batch: int = 64,
-    lr: float = 1e-3,
-    eval_every: int = 1000,
-    ema_decay: float = 0.999,
-):
-    """Flow matching on random scenes (training combinations), 10 % empty prompts for guidance; the
-    network predicts the clean image (x0), loss = MSE on x0, sigma logit-normal (SD3's sampling of
-    training noise levels). AdamW with 200 warm-up steps and a cosine decay to lr / 10; the EMA of
-    the weights (`ema_decay`) is what is evaluated and saved. Every `eval_every` steps (0: never)
-    evaluates held-out strict accuracy; saves fp16 safetensors to `path` then and at the end, and
-    logs JSON lines to path + '.log.jsonl'."""
-    import copy
-    import json
-    import math
-    import time
-
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    transformer, encoder = build_model(seed)
-    params = list(transformer.parameters()) + list(encoder.parameters())
-    ema_transformer, ema_encoder = copy.deepcopy(transformer).eval(), copy.deepcopy(encoder).eval()
-    ema_params = list(ema_transformer.parameters()) + list(ema_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warm = 200
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(i, steps) / steps)))
-    )
-    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    held = {p for c in ("two objects", "position") for p in held_out_prompts()[c]}
-    start, log = time.perf_counter(), open(path + ".log.jsonl", "a")
-    for step in tqdm(range(1, steps + 1), desc="pretrain", dynamic_ncols=True):
-        x0, prompts = training_batch(batch, rng, held)  # (B, 3, H, W)
-        prompts = ["" if rng.random() < 0.1 else p for p in prompts]
-        sigma = torch.sigmoid(torch.randn(batch, generator=gen))  # (B,), logit-normal(0, 1)
-        x1 = torch.randn(x0.shape, generator=gen)
-        s = sigma[:, None, None, None]
-        pred = predict_x0(transformer, (1 - s) * x0 + s * x1, sigma, *encoder(tokenize(prompts)))
-        loss = (pred - x0).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        schedule.step()
-        with torch.no_grad():
-            decay = min(ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
-        if (eval_every and step % eval_every == 0) or step == steps:
-            record = {"step": step, "loss": loss.item(), "minutes": (time.perf_counter() - start) / 60}
-            record |= evaluate(ema_transformer, ema_encoder) if eval_every else {}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            tqdm.write(json.dumps(record))
-            state = {f"transformer.{k}": v.half() for k, v in ema_transformer.state_dict().items()}
-            state |= {f"encoder.{k}": v.half() for k, v in ema_encoder.state_dict().items()}
-            save_file({k: v.contiguous() for k, v in state.items()}, path)
-
-
-def load(path: str):
-    """(transformer, encoder) in float32 from a pretrain() file, frozen, in eval mode."""
-    from safetensors.torch import load_file
-
-    transformer, encoder = build_model()
-    state = load_file(path)
-    transformer.load_state_dict({k[12:]: v.float() for k, v in state.items() if k.startswith("transformer.")})
-    encoder.load_state_dict({k[8:]: v.float() for k, v in state.items() if k.startswith("encoder.")})
-    return transformer.eval().requires_grad_(False), encoder.eval().requires_grad_(False)
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Pretrain the shapes model by flow matching (CPU).")
-    parser.add_argument("--steps", type=int, default=6000)
-    parser.add_argument("--out", default="shapes_base.safetensors")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval_every", type=int, default=1000)
-    args = parser.parse_args()
-    pretrain(args.steps, args.out, args.seed, eval_every=args.eval_every)

@@ -163,7 +163,9 @@ SD35_MEDIUM = dict(
 @_own_rng
 def sd3_pipeline_from_configs(spec: dict, resolution: int, seed: int = 0, device=None, dtype=None):
     """A StableDiffusion3Pipeline of the real classes with random weights from `spec`
-    (TINY_SD3 or SD35_MEDIUM), built directly on `device` in `dtype`; character tokenizers."""
+    (TINY_SD3 or SD35_MEDIUM) in `dtype`; character tokenizers. The text encoders and the VAE are
+    built directly on `device`, the transformer on the CPU, as a hub pipeline loads (the backend
+    moves it once the prompts are encoded)."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -177,9 +179,10 @@ def sd3_pipeline_from_configs(spec: dict, resolution: int, seed: int = 0, device
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype or torch.float32)
     try:
+        transformer = SD3Transformer2DModel(**spec["transformer"])
         with torch.device(device or "cpu"):
             parts = dict(
-                transformer=SD3Transformer2DModel(**spec["transformer"]),
+                transformer=transformer,
                 vae=AutoencoderKL(
                     down_block_types=("DownEncoderBlock2D",) * blocks,
                     up_block_types=("UpDecoderBlock2D",) * blocks,

@@ -51,6 +51,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import os
 import re
 import time
 import warnings
@@ -60,6 +61,9 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 from tqdm.auto import tqdm
+
+import shapes
+import shapes_model
 
 # ------------------------------------------------------------------------------------------------
 # Config: SD3.5-Medium defaults from the paper and Flow-GRPO (SPEC section 6); presets below.
@@ -101,6 +105,7 @@ class Config:
     clip_range: float = 1e-4  # PPO clip range of the ratio (Flow-GRPO)
     beta: float = 0.04  # KL weight (Flow-GRPO: 0.04 OCR/GenEval, 0.01 PickScore)
     num_minibatches: int = 2  # optimizer steps per rollout batch (Flow-GRPO: 2)
+    micro_batch: int = 0  # samples per forward/backward, gradients accumulated (memory only); 0: a whole minibatch
     lr: float = 3e-4  # AdamW learning rate (Flow-GRPO)
     weight_decay: float = 1e-4  # AdamW weight decay (Flow-GRPO)
     max_grad_norm: float = 1.0  # gradient-norm clip (Flow-GRPO)
@@ -110,7 +115,7 @@ class Config:
     resolution: int = 512  # image side in pixels (Flow-GRPO)
     guidance_scale: float = 4.5  # classifier-free guidance, in rollout and training (Flow-GRPO); 1: none
     train_cfg: bool = True  # training recomputes the guided velocity (Flow-GRPO train.cfg); off: cond only
-    cfg_detach_uncond: bool = False  # training CFG: gradients through both branches (Flow-GRPO); on: o_u detached
+    cfg_detach_uncond: bool = True  # training CFG detaches o_u (Flow-GRPO ac4c86e train_sd3.py:190); off: both
     decode_batch: int = 0  # images per VAE decode call (bounds the decode's memory peak); 0: the whole batch
     prompt_file: str = ""  # one prompt per line, training = evaluation; empty: built-in OCR prompts (shapes: grammar)
     max_sequence_length: int = 128  # T5 tokens
@@ -200,8 +205,8 @@ PRESETS = {
         # square (strict 0.02-0.06), so most groups score all 0: VGPO's case. Over the whole grammar
         # ("grammar", held-out prompts: the benchmark) nothing learns in 40 iterations
         shapes_prompts="a photo of a red square",
-        resolution=48,  # the model's side (shapes.SIZE)
-        shift=1.0,  # pixel space at 48 px: SD3's shift 3 is for 1024 px latents
+        resolution=32,  # the model's side (shapes.SIZE)
+        shift=1.0,  # pixel space at 32 px: SD3's shift 3 is for 1024 px latents
         reward="geneval_shapes",  # GenEval's strict score: the benchmark's point is a binary reward
         iterations=40,  # ~13.5 s each alone on 2 cores here (rollout 6.9 s, update 6.6 s)
         group_size=8,  # paper: 24, three times the samples of a CPU iteration
@@ -220,7 +225,7 @@ PRESETS = {
     "small-gpu": dict(
         group_size=8,
         prompts_per_iteration=2,
-        num_minibatches=4,
+        micro_batch=4,  # 2 optimizer steps of 8 samples, each accumulated over 2 forwards of 4
         resolution=512,
         gradient_checkpointing=True,
         offload_text_encoders=True,
@@ -280,6 +285,7 @@ def validate_config(c: Config) -> None:
         "num_minibatches",
         "must be in [1, prompts_per_iteration * group_size]",
     )
+    need(c.micro_batch >= 0, "micro_batch", "must be >= 0 (0: a whole minibatch per forward)")
     need(c.lora_rank >= 1, "lora_rank", "must be >= 1")
     need(c.guidance_scale >= 1, "guidance_scale", "must be >= 1 (1: no guidance)")
     need(0 <= c.ema_decay < 1, "ema_decay", "must be in [0, 1)")
@@ -292,7 +298,7 @@ def validate_run(c: Config) -> None:
     need = _checker(c)
     need(c.resolution >= 16 and c.resolution % 16 == 0, "resolution", "must be a multiple of 16")
     if c.model == "shapes":
-        need(c.resolution == 48, "resolution", "the shapes model is 48 px")
+        need(c.resolution == shapes.SIZE, "resolution", f"the shapes model is {shapes.SIZE} px")
     if c.model == "tiny":
         import tiny
 
@@ -427,23 +433,31 @@ def cumulative_values(rewards, gamma):
     return values
 
 
+def weight_fallback(values, eps=1e-4) -> torch.Tensor:
+    """Decision 2: the trajectories whose Eq. 11 weights fall back to 1, a mean value <= eps or a
+    negative value. (..., T) -> (..., 1) bool."""
+    return (values.float().mean(dim=-1, keepdim=True) <= eps) | (values < 0).any(dim=-1, keepdim=True)
+
+
 def timestep_weights(values, eps=1e-4):
     """Eq. 11: w_k = Q_k / mean_j Q_j over the T steps of the same trajectory.
 
     Decision 2: the paper assumes non-negative rewards. A trajectory whose mean value is <= eps,
-    or that has a negative value, gets weights 1 instead, with a warning: a negative weight would
-    flip that step's advantage, and a mean near 0 would make the weights huge. Otherwise every
-    value is >= 0, so each weight lies in [0, T]. (..., T) -> (..., T), each row averaging 1.
+    or that has a negative value, gets weights 1 instead (`weight_fallback`; the trainer logs their
+    share as weight_fallback_frac): a negative weight would flip that step's advantage, and a mean
+    near 0 would make the weights huge. All-zero trajectories are normal under a binary reward;
+    negative values are a misuse and warn. Otherwise each weight lies in [0, T].
+    (..., T) -> (..., T), each row averaging 1.
     """
     mean = values.float().mean(dim=-1, keepdim=True)  # (..., 1)
-    bad = (mean <= eps) | (values < 0).any(dim=-1, keepdim=True)  # (..., 1)
-    if bad.any():
+    if (values < 0).any():
         warnings.warn(  # constant text: Python's default filter shows it once per place
-            "timestep_weights: a trajectory has a negative value or a mean value <= eps; "
-            "its weights fall back to 1 (decision 2). Rewards should lie in roughly [0, 1].",
+            "timestep_weights: a trajectory has a negative value; its weights fall back to 1 (decision 2). "
+            "Eq. 11 assumes rewards >= 0: rewards should lie in roughly [0, 1].",
             stacklevel=2,
         )
-    return torch.where(bad, torch.ones_like(values, dtype=torch.float32), values / mean.clamp_min(eps))
+    ones = torch.ones_like(values, dtype=torch.float32)
+    return torch.where(weight_fallback(values, eps), ones, values / mean.clamp_min(eps))  # (..., T)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -456,6 +470,8 @@ def relative_advantage(values, global_std=True, eps=1e-4):
 
     std is the population std (ddof 0) within each group, or over all N*G samples of the
     batch at that step when global_std (Flow-GRPO's default). (N, G, T) -> (N, G, T).
+    Decision 15: a group whose values are all equal at a step gets exactly 0 there (its std is 0);
+    float rounding of the mean would leave ~1e-7 (24 values of 0.8) and keep it in decision 12's mask.
     """
     values = values.float()
     mu = values.mean(dim=1, keepdim=True)  # (N, 1, T)
@@ -463,7 +479,8 @@ def relative_advantage(values, global_std=True, eps=1e-4):
         std = rearrange(values, "n g t -> (n g) t").std(dim=0, correction=0)  # (T,)
     else:
         std = values.std(dim=1, correction=0, keepdim=True)  # (N, 1, T)
-    return (values - mu) / (std + eps)  # (N, G, T)
+    flat = (values == values[:, :1]).all(dim=1, keepdim=True)  # (N, 1, T)
+    return torch.where(flat, 0.0, (values - mu) / (std + eps))  # (N, G, T)
 
 
 def anchor_advantage(values, kappa, anchor_steps, gamma):
@@ -795,9 +812,14 @@ def model_dtype(device: torch.device) -> torch.dtype:
 class SD3Backend:
     """SD3(.5) behind the backend interface: frozen VAE and text encoders, LoRA on the transformer.
 
-    The guided velocity v = v_u + g (v_c - v_u) drives the sampler; training recomputes it with
-    gradients through both branches (Flow-GRPO's train.cfg), o_u detached when cfg_detach_uncond.
+    The guided velocity v = v_u + g (v_c - v_u) drives the sampler; training recomputes it with the
+    unconditional branch detached, as Flow-GRPO (ac4c86e, scripts/train_sd3.py:190; decision 9).
+    Prompt embeddings are cached off the accelerator and moved per batch. With offload_text_encoders
+    every prompt is encoded, and the encoders freed, before the transformer reaches the accelerator,
+    so the two never share its memory (SD3.5-Medium: 15.4 GiB together in bf16).
     """
+
+    encode_batch = 64  # prompts per text-encoder call: bounds the encoders' activation memory
 
     def __init__(self, config: Config):
         self.config = config
@@ -807,8 +829,16 @@ class SD3Backend:
         self.dtype = model_dtype(self.device)
         pipe = load_sd3_pipeline(config.model, config.resolution, self.dtype, self.device)
         check_resolution(pipe, config.resolution)
-        for part in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer):
+        for part in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
             part.requires_grad_(False).eval().to(self.device, self.dtype)  # eval: no dropout anywhere
+        self.pipe, self.cache, self.negative = pipe, {}, None
+        if config.prompt_file:  # evaluation uses the same file
+            self.train_prompts = self.held_out = read_prompts(config.prompt_file)
+        else:
+            self.train_prompts, self.held_out = ocr_prompts(OCR_WORDS), ocr_prompts(OCR_EVAL_WORDS)
+        if config.offload_text_encoders:
+            self.free_text_encoders()
+        pipe.transformer.requires_grad_(False).eval().to(self.device, self.dtype)
         pipe.vae.requires_grad_(False).eval().to(self.device, torch.float32)  # the reward's pixels: float32
         if config.gradient_checkpointing:
             pipe.transformer.enable_gradient_checkpointing()
@@ -817,17 +847,10 @@ class SD3Backend:
         ).eval()
         for p in self.parameters():
             p.data = p.data.float()  # LoRA weights and their optimizer state in float32
-        self.pipe, self.cache = pipe, {}
-        if config.prompt_file:  # evaluation uses the same file
-            self.train_prompts = self.held_out = read_prompts(config.prompt_file)
-        else:
-            self.train_prompts, self.held_out = ocr_prompts(OCR_WORDS), ocr_prompts(OCR_EVAL_WORDS)
-        if config.offload_text_encoders:
-            self.free_text_encoders()
 
     def free_text_encoders(self):
         """Encode every training and evaluation prompt now, then free the text encoders' memory."""
-        self.encode(self.train_prompts + self.held_out)
+        self.encode(self.train_prompts + self.held_out, keep=False)
         self.pipe.text_encoder = self.pipe.text_encoder_2 = self.pipe.text_encoder_3 = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -847,24 +870,36 @@ class SD3Backend:
         return [self.held_out[i % len(self.held_out)] for i in range(n)]
 
     @torch.no_grad()
-    def encode(self, prompts):
-        """Prompt embeddings under no_grad, computed once per distinct prompt and cached."""
-        new = sorted(set(prompts) - set(self.cache))
-        if new:
-            if self.pipe.text_encoder is None:
-                raise RuntimeError(f"prompt {new[0]!r} was not encoded before the text encoders were freed")
-            out = self.pipe.encode_prompt(
-                new,
-                new,
-                new,
-                device=self.device,
-                do_classifier_free_guidance=True,
+    def _encode_new(self, prompts) -> list:
+        """[(embeds (L, E), pooled (E',))] of prompts, on the CPU, `encode_batch` prompts per call."""
+        if self.pipe.text_encoder is None:
+            raise RuntimeError(f"prompt {prompts[0]!r} was not encoded before the text encoders were freed")
+        rows = []
+        for i in range(0, len(prompts), self.encode_batch):
+            part = prompts[i : i + self.encode_batch]
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                part, part, part, device=self.device, do_classifier_free_guidance=False,
                 max_sequence_length=self.config.max_sequence_length,
-            )
-            for i, p in enumerate(new):  # out: embeds (P, L, E), neg embeds, pooled (P, E'), neg pooled
-                self.cache[p] = [t[i] for t in out]
-        names = ("embeds", "neg_embeds", "pooled", "neg_pooled")
-        return {name: torch.stack([self.cache[p][j] for p in prompts]) for j, name in enumerate(names)}
+            )  # fmt: skip
+            rows += list(zip(embeds.cpu(), pooled.cpu(), strict=True))  # (L, E), (E',) each
+        return rows
+
+    def encode(self, prompts, keep=True):
+        """Prompt embeddings of a batch on the device: embeds (B, L, E), pooled (B, E') and the empty
+        prompt's (classifier-free guidance), expanded. Each distinct prompt is encoded once and cached
+        on the CPU; one negative embedding for all. keep=False only fills the cache."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if self.negative is None:
+            new = ["", *new] if "" not in new else new
+        for p, row in zip(new, self._encode_new(new) if new else [], strict=True):
+            self.cache[p] = row
+        self.negative = self.cache[""] if self.negative is None else self.negative
+        if not keep:
+            return None
+        embeds = torch.stack([self.cache[p][0] for p in prompts]).to(self.device)  # (B, L, E)
+        pooled = torch.stack([self.cache[p][1] for p in prompts]).to(self.device)  # (B, E')
+        neg_embeds, neg_pooled = (t.to(self.device).expand(len(prompts), *t.shape) for t in self.negative)
+        return {"embeds": embeds, "pooled": pooled, "neg_embeds": neg_embeds, "neg_pooled": neg_pooled}
 
     def noise(self, batch, generator):
         side = self.config.resolution // self.pipe.vae_scale_factor
@@ -883,21 +918,26 @@ class SD3Backend:
         """
         c = self.config
         guided = c.guidance_scale != 1 and (c.train_cfg or not train)
-        names = [("neg_embeds", "neg_pooled"), ("embeds", "pooled")] if guided else [("embeds", "pooled")]
+        branches = ["neg_", ""] if guided else [""]
+        inputs = {key: torch.cat([cond[b + key] for b in branches]) for key in self.cond_keys}  # (2B|B, ...)
         t = torch.as_tensor(sigma, dtype=torch.float32, device=self.device) * 1000
-        out = self.model(
-            hidden_states=torch.cat([x] * len(names)).to(self.dtype),  # (2B|B, C, H, W)
-            timestep=t.expand(len(names) * x.shape[0]),  # (2B|B,)
-            encoder_hidden_states=torch.cat([cond[e] for e, _ in names]),  # (2B|B, L, E)
-            pooled_projections=torch.cat([cond[p] for _, p in names]),  # (2B|B, E')
-            return_dict=False,
-        )[0].float()  # (2B|B, C, H, W)
+        x_in = torch.cat([x] * len(branches)).to(self.dtype)  # (2B|B, C, H, W)
+        out = self.network(x_in, t.expand(len(x_in)), inputs).float()  # (2B|B, C, H, W)
         if not guided:
             return out  # (B, C, H, W)
         o_uncond, o_cond = out.chunk(2)  # (B, C, H, W) each
         if train and c.cfg_detach_uncond:
             o_uncond = o_uncond.detach()
         return o_uncond + c.guidance_scale * (o_cond - o_uncond)  # (B, C, H, W)
+
+    cond_keys = ("embeds", "pooled")  # the conditioning tensors of one branch; "neg_" + key: the unconditional
+
+    def network(self, x, t, cond):
+        """One forward of the transformer: x (b, C, H, W), t (b,) in [0, 1000], cond of `cond_keys`."""
+        return self.model(
+            hidden_states=x, timestep=t, encoder_hidden_states=cond["embeds"], pooled_projections=cond["pooled"],
+            return_dict=False,
+        )[0]  # fmt: skip
 
     @torch.no_grad()
     def decode(self, x0):
@@ -927,7 +967,7 @@ class SD3Backend:
         )
 
 
-# --- shapes: a small MMDiT on 48 px scenes (shapes.py), predicting x0, guided --------------------
+# --- shapes: a small UNet on 32 px scenes (shapes_model.py), predicting the velocity, guided ----
 
 
 def shapes_prompt_list(spec: str) -> list[str]:
@@ -937,24 +977,19 @@ def shapes_prompt_list(spec: str) -> list[str]:
 
 class ShapesBackend(SD3Backend):
     """The shapes model behind the backend interface (prompts, rewards, reference and parameters as
-    SD3Backend's): shapes.py's MMDiT in pixel space, LoRA on its attention projections (SD3's
-    targets), classifier-free guidance as SD3Backend's. The network predicts x0; the velocity is
-    (x - x0) / sigma, so TCRM's projection x - sigma v is that x0 exactly. decode only rescales
-    pixels from [-1, 1] to [0, 1] (VGPO's T decodes cost nothing)."""
+    SD3Backend's): shapes_model.py's UNet in pixel space, LoRA on its self- and cross-attention
+    projections, classifier-free guidance as SD3Backend's. The network predicts the velocity, as
+    SD3's; decode only rescales pixels from [-1, 1] to [0, 1] (VGPO's T decodes cost nothing)."""
 
     def __init__(self, config: Config):
-        import os
-
-        import shapes
-
         path = config.shapes_weights or os.path.join(
             os.path.dirname(os.path.abspath(__file__)), "shapes_base.safetensors"
         )
         if not os.path.isfile(path):
-            raise ConfigError("shapes_weights", path, "no such file; `python shapes.py` pretrains one")
-        transformer, self.encoder = shapes.load(path)
+            raise ConfigError("shapes_weights", path, "no such file; `python shapes_model.py train` pretrains one")
+        unet, self.encoder = shapes_model.load(path)
         self.config, self.device, self.dtype = config, torch.device("cpu"), torch.float32
-        self.model = add_lora(transformer, config.lora_rank, config.lora_alpha, SD3_LORA_TARGETS, config.seed).eval()
+        self.model = add_lora(unet, config.lora_rank, config.lora_alpha, shapes_model.LORA_TARGETS, config.seed).eval()
         held = shapes.held_out_prompts()  # evaluation: the categories interleaved
         self.held_out = [p for group in itertools.zip_longest(*held.values()) for p in group if p]
         self.train_prompts = sorted(set(shapes.all_prompts()) - set(held["two objects"] + held["position"]))
@@ -983,23 +1018,18 @@ class ShapesBackend(SD3Backend):
     def sigmas(self, num_steps):
         return sigma_schedule(num_steps, self.config.shift)
 
+    cond_keys = ("embeds",)
+
     @torch.no_grad()
     def encode(self, prompts):
-        import shapes
-
-        embeds, pooled = self.encoder(shapes.tokenize(prompts))
-        neg_embeds, neg_pooled = self.encoder(shapes.tokenize([""] * len(prompts)))
-        return {"embeds": embeds, "pooled": pooled, "neg_embeds": neg_embeds, "neg_pooled": neg_pooled}
+        embeds = self.encoder(shapes_model.tokenize(prompts))  # (B, L, E)
+        return {"embeds": embeds, "neg_embeds": self.encoder(shapes_model.tokenize([""] * len(prompts)))}
 
     def noise(self, batch, generator):
-        import shapes
-
         return _randn((batch, 3, shapes.SIZE, shapes.SIZE), generator, self.device)  # (B, 3, H, W)
 
-    def velocity(self, x, sigma, cond, train=False):
-        """Guided x0 prediction turned into a velocity: v = (x - x0) / sigma (guiding x0 guides v alike)."""
-        x0 = self.guided(x, sigma, cond, train)  # (B, 3, H, W)
-        return (x - x0) / _per_sample(sigma, x)  # (B, 3, H, W)
+    def network(self, x, t, cond):
+        return self.model(x, t, encoder_hidden_states=cond["embeds"], return_dict=False)[0]  # (b, 3, H, W)
 
     @torch.no_grad()
     def decode(self, x0):
@@ -1136,9 +1166,10 @@ def batch_advantages(rewards, config: Config):
     info = {
         "reward_mean": terminal.mean().item(),
         "value_mean": values.mean().item(),
-        "zero_std_ratio": (terminal.std(dim=1, correction=0) == 0).float().mean().item(),
+        "zero_std_ratio": (terminal == terminal[:, :1]).all(dim=1).float().mean().item(),
         "adv_rel_abs": rel.abs().mean().item(),
         "adv_anchor_abs": anc.abs().mean().item(),
+        "weight_fallback_frac": weight_fallback(dense, c.eps).float().mean().item() if c.use_weights else 0.0,
     }
     return rearrange(adv, "n g t -> (n g) t"), info
 
@@ -1166,52 +1197,76 @@ def step_loss(backend, batch: Rollout, advantages, idx, k, sigmas, config: Confi
 
 
 def has_signal(advantages) -> torch.Tensor:
-    """Decision 12 (Flow-GRPO's mask): the samples whose advantage is non-zero at some step, (B, T) -> (B,) bool.
-    Only these enter the policy update; the others carry no policy gradient."""
+    """Decision 12 (Flow-GRPO's mask, ac4c86e scripts/train_sd3.py:797): the samples whose advantage is
+    non-zero at some step of `advantages` (pass the trained steps' columns), (B, T') -> (B,) bool.
+    Only these carry a policy gradient."""
     return advantages.abs().sum(dim=1) != 0
+
+
+def minibatches(advantages, trained: int, num_minibatches: int, generator) -> list:
+    """Decision 12, as Flow-GRPO (ac4c86e, scripts/train_sd3.py:797-808, 826-836): the samples with a
+    signal in the first `trained` steps, padded with randomly chosen samples without one up to a
+    multiple of num_minibatches (when there are enough), in random order, split into num_minibatches
+    equal parts. A padded sample adds no policy gradient, only its KL term. Decision 13: with no
+    signal at all, no minibatch (the reference would fail on an empty batch): no optimizer step.
+    (B, T) advantages -> list of (b,) index tensors."""
+    keep = has_signal(advantages[:, :trained]).cpu()  # (B,)
+    if not keep.any():
+        return []
+    short, idle = -int(keep.sum()) % num_minibatches, torch.nonzero(~keep).flatten()
+    if 0 < short <= len(idle):
+        keep[idle[torch.randperm(len(idle), generator=generator)[:short]]] = True
+    kept = torch.nonzero(keep).flatten()
+    order = kept[torch.randperm(len(kept), generator=generator)]
+    return [mb for mb in order.tensor_split(num_minibatches) if len(mb)]
 
 
 def policy_update(
     backend, batch: Rollout, advantages, optimizer, sigmas, config: Config, generator, offset=0, total=None, ema=None
 ):
-    """One rollout batch -> num_minibatches optimizer steps; backward per step (one graph alive).
+    """One rollout batch -> num_minibatches optimizer steps (`minibatches`), each accumulating the
+    gradients of micro-batches of `micro_batch` samples, backward per step (one graph alive).
 
-    As Flow-GRPO, a sample whose advantage is 0 at every step carries no policy gradient and is
-    left out of the update (decision 12): minibatches are split over the other samples, so a
-    batch with many one-score groups updates on fewer samples rather than on a diluted mean.
-    Each step's loss is divided by the number of trained steps, so the accumulated gradient is
-    that of the mean of L_k over trained steps and minibatch samples. Minibatches are drawn over
-    all `total` samples of every rank; this rank holds samples offset..offset+B-1, weighs its
-    part by its share of the minibatch, and gradients are summed over ranks (data parallel).
-    `advantages` are every rank's (total, T); this rank trains its own rows.
+    Each step's loss is weighed by the micro-batch's share of the minibatch and divided by the number
+    of trained steps, so the accumulated gradient is that of the mean of L_k over trained steps and
+    minibatch samples, whatever micro_batch is (memory only, as Flow-GRPO's gradient accumulation).
+    Minibatches are drawn over all `total` samples of every rank; this rank holds samples
+    offset..offset+B-1 and trains its part, and gradients are summed over ranks (data parallel).
+    `advantages` are every rank's (total, T).
     """
     trained, local_size = int(config.num_steps * config.timestep_fraction), len(batch.prompts)
-    perm = torch.randperm(total or local_size, generator=generator)
-    perm = perm[has_signal(advantages[perm]).cpu()]  # decision 12: all-zero advantages are dropped
+    parts = minibatches(advantages, trained, config.num_minibatches, generator)
     local_adv = advantages[offset : offset + local_size]  # (B_rank, T)
     sums, count, onpolicy_err = dict.fromkeys(("clipfrac", "approx_kl", "kl_ref", "loss"), 0.0), 0, 0.0
-    grad_norm = torch.tensor(0.0)
-    for j, mb in enumerate(perm.tensor_split(config.num_minibatches) if len(perm) else []):  # sizes +-1
+    grad_norm = torch.tensor(float("nan"))
+    for j, mb in enumerate(parts):
         local = mb[(mb >= offset) & (mb < offset + local_size)] - offset  # this rank's part of the minibatch
         optimizer.zero_grad(set_to_none=False)
-        for k in range(trained if len(local) else 0):
-            loss, info = step_loss(backend, batch, local_adv, local, k, sigmas, config)
-            (loss * len(local) / len(mb) / trained).backward()
-            sums = {key: sums[key] + info[key] * len(local) for key in sums}
-            if j == 0:  # the first minibatch runs before any update: its ratio must be 1
-                onpolicy_err = max(onpolicy_err, info["ratio_err"])
+        for micro in local.split(config.micro_batch or max(len(local), 1)):
+            for k in range(trained):
+                loss, info = step_loss(backend, batch, local_adv, micro, k, sigmas, config)
+                (loss * len(micro) / len(mb) / trained).backward()
+                sums = {key: sums[key] + info[key] * len(micro) for key in sums}
+                if j == 0:  # the first minibatch runs before any update: its ratio must be 1
+                    onpolicy_err = max(onpolicy_err, info["ratio_err"])
         count += len(local) * trained
         all_reduce_gradients(backend.parameters())  # sum over ranks; nothing when alone
         grad_norm = torch.nn.utils.clip_grad_norm_(backend.parameters(), config.max_grad_norm)
         optimizer.step()
         if ema is not None:
-            ema.update(backend.parameters())
+            ema.update(backend.parameters())  # decision 14: once per optimizer step
     device = advantages.device  # nccl reduces GPU tensors only
     totals = all_reduce_(torch.tensor([*sums.values(), count], dtype=torch.float64, device=device))
     err = all_reduce_(torch.tensor(onpolicy_err, device=device), op="max")
     means = {key: (totals[i] / totals[-1]).item() if totals[-1] else float("nan") for i, key in enumerate(sums)}
-    trained_frac = len(perm) / (total or local_size)
-    return {**means, "grad_norm": grad_norm.item(), "onpolicy_ratio_err": err.item(), "trained_frac": trained_frac}
+    signal = has_signal(advantages[:, :trained]).float().mean().item()
+    return {
+        **means,
+        "grad_norm": grad_norm.item(),
+        "onpolicy_ratio_err": err.item(),
+        "trained_frac": signal,
+        "optimizer_steps": len(parts),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
