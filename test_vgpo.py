@@ -1,5 +1,6 @@
 """Tests in three tiers: closed forms of each equation, invariants, end-to-end training runs."""
 
+import dataclasses
 import json
 import math
 import os
@@ -434,13 +435,19 @@ def test_training_cfg_detaches_the_unconditional_branch_as_flow_grpo_ac4c86e(det
     torch.testing.assert_close(grad_train, expected, rtol=1e-4, atol=1e-4 * scale)
 
 
-def test_gradient_checkpointing_gives_the_same_lora_gradients():
-    grads = []
+def test_gradient_checkpointing_gives_the_same_lora_gradients(monkeypatch):
+    import torch.utils.checkpoint
+
+    calls, original = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    grads, counts = [], []
     for checkpointing in (False, True):
         backend = vgpo.build_backend(tiny_config(gradient_checkpointing=checkpointing))
         x = backend.noise(2, torch.Generator().manual_seed(0))
-        backend.velocity(x, 0.5, backend.encode(["a sign"] * 2)).square().mean().backward()
+        backend.velocity(x, 0.5, backend.encode(["a sign"] * 2), train=True).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in backend.parameters()]))
+        counts.append(len(calls))
+    assert counts[0] == 0 and counts[1] >= 2  # it ran: one checkpointed call per transformer block
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1])
 
@@ -626,36 +633,49 @@ def test_negative_rewards_warn_once_and_weights_fall_back():
 @pytest.mark.parametrize("shift", [1.0, 3.0, 10.0])
 @pytest.mark.parametrize("num_steps", [1, 2, 10, 50])
 @pytest.mark.parametrize("noise_level", [0.0, 0.1, 0.7, 1.5])
-def test_sampler_and_loss_are_finite_over_schedules_and_noise(shift, num_steps, noise_level):
+def test_sampler_and_loss_match_float64_over_schedules_and_noise(shift, num_steps, noise_level):
     sigmas = vgpo.sigma_schedule(num_steps, shift)
     assert sigmas[0] == 1 and sigmas[-1] == 0
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, generator=g)
     for k in range(num_steps):
+        s, s_next = sigmas[k].item(), sigmas[k + 1].item()
         v = torch.randn(4, 3, generator=g, requires_grad=True)
-        x_next, lp, mean, std = vgpo.sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], noise_level, generator=g)
-        assert torch.isfinite(x_next).all() and torch.isfinite(lp).all() and torch.isfinite(mean).all()
-        if noise_level > 0:
+        x_next, lp, mean, std = vgpo.sde_step_with_logprob(v, x, s, s_next, noise_level, generator=g)
+        mean64, step_std = _eq7_mean_by_hand(v.detach().double(), x.double(), s, s_next, noise_level)
+        torch.testing.assert_close(mean.double(), mean64, rtol=1e-5, atol=1e-5)
+        if noise_level == 0:
+            assert torch.equal(x_next, mean) and torch.equal(lp, torch.zeros(4))
+        else:
+            expected = torch.distributions.Normal(mean64, step_std).log_prob(x_next.double()).mean(-1)
+            torch.testing.assert_close(lp.double(), expected, rtol=1e-3, atol=1e-3)
+            ref = mean.detach() + 0.1
+            kl = vgpo.kl_to_reference(mean, ref, std)  # Flow-GRPO's KL: mean square / (2 std^2), no |dt|
+            std64 = noise_level * math.sqrt(s / (1 - (s_next if s == 1 else s)))
+            torch.testing.assert_close(kl.double(), torch.full((4,), 0.01 / (2 * std64**2), dtype=torch.float64),
+                                       rtol=1e-4, atol=0)  # fmt: skip
             loss, _ = vgpo.clipped_policy_loss(lp, lp.detach() + 0.01, torch.randn(4, generator=g), 1e-4)
-            loss = loss + vgpo.kl_to_reference(mean, mean.detach() + 0.1, std).mean()
-            loss.backward()
-            assert torch.isfinite(loss) and torch.isfinite(v.grad).all()
+            (loss + kl.mean()).backward()
+            assert torch.isfinite(v.grad).all()
         x = x_next.detach()
 
 
 @pytest.mark.parametrize("scale", [0.0, 1e-12, 1.0, 1e6, -1e6])
 @pytest.mark.parametrize("num_steps", [1, 10, 50])
-def test_values_and_advantages_are_finite_for_extreme_rewards(scale, num_steps):
+def test_values_and_advantages_match_float64_for_extreme_rewards(scale, num_steps):
     g = torch.Generator().manual_seed(0)
-    rewards = scale * torch.rand(3, 4, num_steps, generator=g)
+    rewards = scale * torch.rand(12, num_steps, generator=g)  # 3 groups of 4
     for gamma in (0.0, 0.9, 1.0):
-        values = vgpo.cumulative_values(rewards, gamma)
+        config = vgpo.toy_config(num_steps=num_steps, group_size=4, prompts_per_iteration=3, gamma=gamma,
+                                 global_std=False, anchor_steps=num_steps // 2, timestep_fraction=1.0)  # fmt: skip
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            adv = vgpo.vgpo_advantages(values, 1.0, num_steps // 2, gamma, global_std=False)
-        assert torch.isfinite(values).all() and torch.isfinite(adv).all() and adv.abs().max() <= 5.0
+            warnings.simplefilter("ignore")  # negative rewards warn (decision 2)
+            adv, _ = vgpo.batch_advantages(rewards, config)
+        expected = _advantages_by_hand("VGPO", rewards.double().numpy(), 4, gamma, 1.0, num_steps // 2, False)[0]
+        np.testing.assert_allclose(adv.double().numpy(), expected, rtol=1e-4, atol=1e-5)
+        assert adv.abs().max() <= 5.0
     equal = vgpo.grpo_advantages(torch.full((2, 3), scale), num_steps)
-    assert torch.isfinite(equal).all() and equal.abs().max() == 0
+    assert torch.equal(equal, torch.zeros(2, 3, num_steps))
 
 
 # ---------------------------------------------------------------------------- torch.distributed (gloo, CPU)
@@ -1084,20 +1104,50 @@ def _slow_reward(seconds, threads):
     return reward_fn
 
 
+class _VelocityCalls:
+    """Wraps a backend: counts velocity calls, and lets a reward wait until a given call has been made."""
+
+    def __init__(self, backend):
+        import threading
+
+        self.backend, self.calls, self.changed = backend, 0, threading.Condition()
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def velocity(self, *args, **kwargs):
+        with self.changed:
+            self.calls += 1
+            self.changed.notify_all()
+        return self.backend.velocity(*args, **kwargs)
+
+    def wait_for(self, calls, timeout):
+        with self.changed:
+            return self.changed.wait_for(lambda: self.calls >= calls, timeout)
+
+
 def test_reward_workers_give_the_inline_rewards_in_step_order_and_overlap():
-    backend = vgpo.ToyBackend(vgpo.toy_config(toy_pretrain_steps=200))
-    sigmas, seconds, batches = backend.sigmas(6), {}, {}
+    # the rollout's velocity calls: 1 at the noise, then k + 2 after step k. Step k's reward is submitted after
+    # call k + 2 and waits for call k + 3 (the sampler's next step): scored inline it blocks the sampler and can
+    # only time out; scored by workers the sampler runs on and it never waits in vain
+    backend = _VelocityCalls(vgpo.ToyBackend(vgpo.toy_config(toy_pretrain_steps=200)))
+    sigmas, T, batches, timed_out = backend.sigmas(6), 6, {}, {}
     for workers in (0, 6):
-        names = set()
-        start = time.perf_counter()
-        batch = vgpo.rollout(
-            backend, [0, 1] * 4, sigmas, 0.7, _slow_reward(0.25, names), torch.Generator().manual_seed(0), True, workers
+        timed_out[workers], step, names = [], [0], set()
+
+        def reward(points, prompts, timed_out=timed_out[workers], step=step, names=names):
+            k, step[0] = step[0], step[0] + 1
+            names.add(__import__("threading").current_thread().name)
+            if k + 3 <= T and not backend.wait_for(k + 3, timeout=0.3):
+                timed_out.append(k)
+            return torch.exp(-points.float().square().sum(-1))  # (B,)
+
+        batches[workers] = vgpo.rollout(
+            backend, [0, 1] * 4, sigmas, 0.7, reward, torch.Generator().manual_seed(0), True, workers
         )
-        seconds[workers], batches[workers] = time.perf_counter() - start, batch
         assert any(n.startswith("reward") for n in names) == (workers > 0)  # scored in worker threads
+    assert timed_out == {0: [0, 1, 2, 3], 6: []}
     assert torch.equal(batches[0].rewards, batches[6].rewards) and torch.equal(batches[0].latents, batches[6].latents)
-    # 6 calls of 0.25 s overlap; long enough that a busy CPU's slower sampler does not decide the ratio
-    assert seconds[0] > 1.5 and seconds[6] < 0.5 * seconds[0], seconds
 
 
 # ---------------------------------------------------------------------------- what a training run gives a practitioner
@@ -1503,3 +1553,332 @@ def test_eval_reward_scores_evaluations_and_not_training():
         vgpo.toy_config(eval_reward="ocr")
     with pytest.raises(vgpo.ConfigError, match="eval_reward"):
         vgpo.Config(model="shapes", eval_reward="geneval")
+
+
+# ---------------------------------------------------------------------------- wiring of training, checked independently
+
+
+def _perturb_lora(backend, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in backend.parameters():
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def _velocity_inputs(backend, prompts):
+    x = backend.noise(len(prompts), torch.Generator().manual_seed(0))
+    return x, backend.encode(prompts)
+
+
+@pytest.mark.parametrize("model", ["toy", "tiny", "shapes"])
+def test_reference_is_the_base_model_with_the_adapter_zeroed(model, shapes_weights):
+    fields = {"toy": dict(toy_pretrain_steps=200), "tiny": dict(), "shapes": dict(shapes_weights=shapes_weights)}
+    config = tiny_config() if model == "tiny" else vgpo.Config(model=model, **fields[model])
+    backend = vgpo.build_backend(config)
+    prompts = [0, 1] if model == "toy" else ["a photo of a red circle"] * 2
+    x, cond = _velocity_inputs(backend, prompts)
+    _perturb_lora(backend)
+    with torch.no_grad():
+        adapted = backend.velocity(x, 0.6, cond)
+        with backend.reference():
+            reference = backend.velocity(x, 0.6, cond)
+        for name, p in backend.model.named_parameters():  # lora_B zero: the adapter adds nothing
+            if "lora_B" in name:
+                p.zero_()
+        base = backend.velocity(x, 0.6, cond)
+    assert not torch.allclose(adapted, base, atol=1e-4)  # the perturbation moves the policy
+    torch.testing.assert_close(reference, base)  # the reference does not move with it
+
+
+def test_kl_to_the_reference_is_positive_after_an_update():
+    config = vgpo.toy_config(toy_pretrain_steps=200, beta=0.04, iterations=2, eval_samples=16)
+    history = vgpo.train(config)
+    assert history[0]["kl_ref"] > 0 and history[1]["kl_ref"] > history[0]["kl_ref"] * 0.1
+    assert math.isnan(vgpo.train(vgpo.toy_config(toy_pretrain_steps=200, beta=0.0, iterations=1, eval_samples=16))[0][
+        "kl_ref"
+    ])  # fmt: skip
+
+
+# instant rewards of N = 2 groups of G = 3, T = 3 steps; group 2 ends at 0 everywhere (GRPO's flat group)
+_R = np.array([[0.2, 0.5, 1.0], [0.1, 0.0, 0.0], [0.4, 0.4, 1.0], [0.0, 0.0, 0.0], [0.3, 0.6, 0.0], [0.0, 0.2, 0.0]])
+
+
+def _advantages_by_hand(method, R=_R, G=3, gamma=0.9, kappa=0.5, anchor_steps=1, global_std=True, eps=1e-4, clip=5.0):
+    """SPEC sections 3-4 in float64 numpy, written apart from vgpo: (advantages (B, T), diagnostics)."""
+    dense, weights_on, anchored = {
+        "GRPO": (False, False, False), "weights only": (False, True, False), "TCRM": (True, True, False),
+        "anchor only": (False, False, True), "VGPO": (True, True, True),
+    }[method]  # fmt: skip
+    B, T = R.shape
+    Q = np.zeros_like(R)
+    for k in reversed(range(T)):
+        Q[:, k] = R[:, k] + gamma * (Q[:, k + 1] if k + 1 < T else 0)
+    fallback = (Q.mean(1) <= eps) | (Q < 0).any(1)
+    w = (
+        np.where(fallback[:, None], 1.0, Q / np.maximum(Q.mean(1, keepdims=True), eps))
+        if weights_on
+        else np.ones_like(R)
+    )
+    values, g = (Q, gamma) if dense else (np.repeat(R[:, -1:], T, 1), 0.0)
+    rel = np.zeros_like(R)
+    for k in range(T):
+        for n in range(B // G):
+            grp = values[G * n : G * n + G, k]
+            std = values[:, k].std() if global_std else grp.std()  # ddof 0
+            rel[G * n : G * n + G, k] = 0 if np.all(grp == grp[0]) else (grp - grp.mean()) / (std + eps)
+    disc = np.array([sum(g**j for j in range(T - k)) for k in range(T)])
+    anchor = kappa * values / disc * (np.arange(T) < anchor_steps) if anchored else np.zeros_like(R)
+    adv = np.clip(w * (rel + anchor), -clip, clip)
+    flat = np.mean([np.all(R[G * n : G * n + G, -1] == R[G * n, -1]) for n in range(B // G)])
+    info = dict(zero_std_ratio=flat, adv_rel_abs=np.abs(w * rel).mean(), adv_anchor_abs=np.abs(w * anchor).mean())
+    info["weight_fallback_frac"] = fallback.mean() if weights_on else 0.0  # row 3 of _R: all zero
+    return adv, info
+
+
+@pytest.mark.parametrize("method", ["GRPO", "weights only", "TCRM", "anchor only", "VGPO"])
+def test_batch_advantages_of_every_method_by_hand(method):
+    overrides = {**experiments.METHODS[method], "kappa": 0.5 if "anchor" in method or method == "VGPO" else 0.0}
+    config = vgpo.toy_config(num_steps=3, group_size=3, prompts_per_iteration=2, global_std=True, **overrides)
+    instant = config.dense_values or config.use_weights
+    rewards = torch.tensor(_R if instant else _R[:, -1:], dtype=torch.float32)
+    adv, info = vgpo.batch_advantages(rewards, config)
+    expected, diagnostics = _advantages_by_hand(method)
+    np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-5, atol=1e-6)
+    for key, value in diagnostics.items():
+        assert info[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    if method == "GRPO":
+        assert (adv[3:] == 0).all()  # the flat group carries nothing
+
+
+def test_policy_update_gradient_is_the_mean_loss_over_trained_steps_in_one_graph(monkeypatch):
+    config = vgpo.toy_config(toy_pretrain_steps=200, num_minibatches=1, beta=0.04, timestep_fraction=0.5,
+                             max_grad_norm=1e9)  # fmt: skip
+    backend = vgpo.build_backend(config)
+    reward = vgpo.checked_reward(backend.load_reward(config.reward), config.reward)
+    sigmas, a = backend.sigmas(config.num_steps), config.noise_level
+    batch = vgpo.rollout(backend, [0, 0, 1, 1], sigmas, a, reward, torch.Generator().manual_seed(1), True)
+    _perturb_lora(backend, 3)  # off-policy, so the ratio and the KL both carry gradients
+    adv = torch.randn(4, config.num_steps, generator=torch.Generator().manual_seed(2))
+    # the expected gradient: Eq. 8 + KL, mean over the first int(10 * 0.5) = 5 steps and the 4 samples, one graph
+    total = 0
+    for k in range(5):
+        x, x_next = batch.latents[:, k], batch.latents[:, k + 1]
+        v = backend.velocity(x, sigmas[k], batch.cond, train=True)
+        _, lp, mean, std = vgpo.sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], a, x_next=x_next)
+        with torch.no_grad(), backend.reference():
+            ref = vgpo.sde_step_with_logprob(backend.velocity(x, sigmas[k], batch.cond), x, sigmas[k], sigmas[k + 1], a,
+                                             x_next=x_next)[2]  # fmt: skip
+        loss = vgpo.clipped_policy_loss(lp, batch.log_probs[:, k], adv[:, k], config.clip_range)[0]
+        total = total + loss + config.beta * vgpo.kl_to_reference(mean, ref, std).mean()
+    backend.model.zero_grad()
+    (total / 5).backward()
+    expected = torch.cat([p.grad.flatten().clone() for p in backend.parameters()])
+    seen, original = [], vgpo.step_loss
+    monkeypatch.setattr(vgpo, "step_loss", lambda *args: seen.append(args[4]) or original(*args))
+    grads = []
+    for clip in (1e9, 0.5 * expected.norm().item()):
+        config.max_grad_norm = clip
+        optimizer = torch.optim.SGD(backend.parameters(), lr=0.0)
+        optimizer.register_step_pre_hook(
+            lambda *_: grads.append(torch.cat([p.grad.flatten().clone() for p in backend.parameters()]))
+        )
+        vgpo.policy_update(backend, batch, adv, optimizer, sigmas, config, torch.Generator().manual_seed(0))
+    assert seen == [0, 1, 2, 3, 4] * 2  # the trained steps: the first int(T * timestep_fraction)
+    torch.testing.assert_close(grads[0], expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+    torch.testing.assert_close(grads[1], expected / 2, rtol=1e-4, atol=1e-6 * expected.abs().max().item())  # clipped
+
+
+def test_trainer_ema_steps_once_per_optimizer_step_and_serves_evaluation_and_export(tmp_path, monkeypatch):
+    emas, checks = [], []
+
+    class Spy(vgpo.EMA):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.updates = 0
+            emas.append(self)
+
+        def update(self, params):
+            self.updates += 1
+            super().update(params)
+
+    monkeypatch.setattr(vgpo, "EMA", Spy)
+    evaluate = vgpo.evaluate
+
+    def spying_evaluate(backend, *a, **k):  # at each evaluation the weights in place are the EMA's
+        checks.append(all(torch.equal(p, s) for p, s in zip(backend.parameters(), emas[0].shadow, strict=True)))
+        return evaluate(backend, *a, **k)
+
+    monkeypatch.setattr(vgpo, "evaluate", spying_evaluate)
+    config = vgpo.toy_config(toy_pretrain_steps=200, iterations=2, eval_samples=16, ema=True, ema_every=1,
+                             output_dir=str(tmp_path))  # fmt: skip
+    history = vgpo.train(config)
+    assert emas[0].updates == sum(h["optimizer_steps"] for h in history) == 4 and checks == [True, True]
+    from safetensors.torch import load_file
+
+    exported = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    names = list(vgpo.lora_state(vgpo.build_backend(config)))  # the order of backend.parameters()
+    assert len(exported) == len(names) == len(emas[0].shadow)
+    for name, shadow in zip(names, emas[0].shadow, strict=True):  # peft drops the adapter name on export
+        torch.testing.assert_close(exported[name.replace(".default", "")], shadow)
+    emas.clear()
+    flat = dataclasses.replace(config, output_dir="", iterations=1, dense_values=False, kappa=0.0, weighting="off")
+    flat = vgpo.train(flat, reward_fn=lambda x, p: torch.ones(len(p)))
+    assert flat[0]["optimizer_steps"] == 0 and emas[0].updates == 0  # a skipped update moves no EMA
+
+
+def _killed_at(iteration, monkeypatch):
+    original = vgpo.train_iteration
+
+    def dying(*args, **kwargs):
+        if args[5] == iteration:
+            raise KeyboardInterrupt("killed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(vgpo, "train_iteration", dying)
+    return original
+
+
+@pytest.mark.parametrize("model", ["tiny", "shapes"])
+def test_kill_and_resume_equals_an_uninterrupted_run_beyond_the_toy(model, tmp_path, monkeypatch, shapes_weights):
+    extra = dict(shapes_weights=shapes_weights, num_steps=3, group_size=2, prompts_per_iteration=2,
+                 eval_samples=4, eval_steps=3, reward="jpeg_compressibility") if model == "shapes" else {}  # fmt: skip
+    make = lambda **k: (tiny_config if model == "tiny" else lambda **f: vgpo.Config(model="shapes", **f))(  # noqa: E731
+        **{**extra, "checkpoint_every": 1, "ema": True, "ema_every": 1, **k}
+    )
+    full = vgpo.train(make(iterations=3, output_dir=str(tmp_path / "full")))
+    original = _killed_at(1, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        vgpo.train(make(iterations=2, output_dir=str(tmp_path / "cut")))  # dies in iteration 1
+    monkeypatch.setattr(vgpo, "train_iteration", original)
+    vgpo.train(make(iterations=2, resume=str(tmp_path / "cut")))  # resumes at 1, and to more than the first run
+    resumed = vgpo.train(make(iterations=3, resume=str(tmp_path / "cut")))
+    assert len(resumed) == len(full) == 3
+    assert "eval_reward" in resumed[1] and "eval_reward" not in full[1]  # the first run's last iteration
+    for a, b in zip(resumed, full, strict=True):
+        for key in set(a) & set(b) - {"seconds"}:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, nan_ok=True), key
+    states = [torch.load(str(tmp_path / d / "checkpoint.pt"), weights_only=False) for d in ("full", "cut")]
+    assert states[0]["lora"].keys() == states[1]["lora"].keys() and all("lora_" in n for n in states[0]["lora"])
+    for name in states[0]["lora"]:
+        torch.testing.assert_close(states[1]["lora"][name], states[0]["lora"][name], rtol=1e-5, atol=1e-7)
+
+
+def _run_with_timeout(fn, seconds=60):
+    """fn() in a thread; (finished, its exception or None): a hang shows as finished False."""
+    import threading
+
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(error=_catch(fn)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return not thread.is_alive(), out.get("error")
+
+
+def _catch(fn):
+    try:
+        fn()
+    except Exception as err:  # returned to the test, which names what it expects
+        return err
+    return None
+
+
+def test_an_exception_in_a_reward_worker_surfaces_by_name_without_hanging():
+    backend = vgpo.ToyBackend(vgpo.toy_config(toy_pretrain_steps=200))
+    calls = []
+
+    def failing(points, prompts):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("reward server unreachable")
+        return torch.zeros(len(prompts))
+
+    sigmas = backend.sigmas(6)
+    finished, error = _run_with_timeout(
+        lambda: vgpo.rollout(backend, [0, 1], sigmas, 0.7, failing, torch.Generator().manual_seed(0), True, 4)
+    )
+    assert finished and isinstance(error, RuntimeError) and "reward server unreachable" in str(error)
+
+
+def test_concurrent_ocr_calls_sharing_one_pool_give_the_sequential_scores():
+    from concurrent.futures import ThreadPoolExecutor
+
+    reward = rewards.load_reward("ocr", threads=2)
+    words = ["HELLO", "COFFEE", "GARDEN", "RIVER", "MUSIC", "BOOKS"]
+    batches = [
+        (torch.stack([experiments.render_text(w, 128) for w in words[i : i + 2]]), [f'a sign "{w}"' for w in words[:2]])
+        for i in (0, 2, 4)
+    ]
+    sequential = [reward(images, prompts) for images, prompts in batches]
+    with ThreadPoolExecutor(3) as pool:  # three calls at once, as three steps' rewards in the trainer
+        concurrent = list(pool.map(lambda b: reward(*b), batches))
+    for a, b in zip(sequential, concurrent, strict=True):
+        assert torch.equal(a, b)
+    assert sequential[0][0] > 0.5  # the first image does read HELLO
+
+
+def test_cli_precedence_presets_flags_and_the_optional_integer(tmp_path):
+    small = ["--model", "random-sd3.5-medium", "--preset", "small-gpu"]  # parsed only, nothing is built
+    c, _ = vgpo.parse_args(small)
+    assert c.micro_batch == 4 and c.group_size == 8 and c.gradient_checkpointing and c.resolution == 512
+    c, _ = vgpo.parse_args([*small, "--micro_batch", "2", "--group_size", "6"])
+    assert (c.micro_batch, c.group_size, c.prompts_per_iteration) == (2, 6, 2)  # the flag wins, the rest stays
+    assert vgpo.parse_args(["--anchor_steps", "3"])[0].anchor_steps == 3
+    assert vgpo.parse_args([])[0].anchor_steps == vgpo.Config().num_steps // 2  # None: num_steps // 2
+    assert vgpo.parse_args(["--model", "random-sd3.5-medium"])[0].ema is True
+    assert vgpo.parse_args(["--model", "random-sd3.5-medium", "--no-ema"])[0].ema is False
+    assert vgpo.parse_args(["--model", "toy", "--ema"])[0].ema is True  # over the toy preset's False
+    # a resumed shapes run writes where it was, not in the preset's runs/shapes
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    assert vgpo.parse_args(["--model", "shapes", "--resume", str(tmp_path)])[0].output_dir == str(tmp_path)
+    assert vgpo.Config(model="shapes", resume=str(tmp_path)).output_dir == str(tmp_path)
+
+
+CASES = {"one rank holds nothing": [0, 1, 2, 3], "padded across ranks": [1, 5, 6]}  # rows with a signal, of 8
+
+
+def _distributed_update(rank, world, init_file, out):
+    """policy_update on 8 toy samples (2 groups of 4, one per rank), for each of CASES; saves LoRA and records."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    config = vgpo.toy_config(toy_pretrain_steps=200, group_size=4, prompts_per_iteration=2, beta=0.04)
+    results = {}
+    for case, kept in CASES.items():
+        backend = vgpo.build_backend(config)
+        reward = vgpo.checked_reward(backend.load_reward(config.reward), config.reward)
+        sigmas = backend.sigmas(config.num_steps)
+        noise = [vgpo.make_generator(0, 3, 0, i) for i in range(8)]
+        full = vgpo.rollout(backend, [0] * 4 + [1] * 4, sigmas, 0.7, reward, noise, True)
+        rows = slice(4 * rank, 4 * rank + 4) if world > 1 else slice(0, 8)
+        local = vgpo.Rollout(full.prompts[rows], {k: v[rows] for k, v in full.cond.items()}, full.latents[rows],
+                             full.log_probs[rows], full.rewards[rows])  # fmt: skip
+        adv = torch.zeros(8, config.num_steps)
+        adv[kept] = torch.randn(len(kept), config.num_steps, generator=torch.Generator().manual_seed(1))
+        optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
+        offset = 4 * rank if world > 1 else 0
+        record = vgpo.policy_update(backend, local, adv, optimizer, sigmas, config, torch.Generator().manual_seed(7),
+                                    offset, 8)  # fmt: skip
+        results[case] = (vgpo.lora_state(backend), record)
+    torch.save(results, os.path.join(out, f"{world}_{rank}.pt"))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_distributed_edges_equal_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    _distributed_update(0, 1, "", str(tmp_path))
+    mp.spawn(_distributed_update, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    one = torch.load(tmp_path / "1_0.pt", weights_only=False)
+    for rank in (0, 1):
+        two = torch.load(tmp_path / f"2_{rank}.pt", weights_only=False)
+        for case in CASES:
+            (lora_1, rec_1), (lora_2, rec_2) = one[case], two[case]
+            assert rec_2["optimizer_steps"] == rec_1["optimizer_steps"] == 2 and rec_2["trained_frac"] == rec_1[
+                "trained_frac"
+            ]  # fmt: skip
+            for name in lora_1:
+                torch.testing.assert_close(lora_2[name], lora_1[name], rtol=1e-4, atol=1e-6)
+            assert any(not torch.equal(v, torch.zeros_like(v)) for n, v in lora_2.items() if "lora_B" in n)  # moved

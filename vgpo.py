@@ -53,6 +53,7 @@ import itertools
 import math
 import os
 import re
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -147,6 +148,8 @@ class Config:
         if unknown:
             raise TypeError(f"Config got unknown fields {unknown}; see `python vgpo.py --help`")
         merged = {**PRESETS.get(fields.get("model", Config.model), {}), **fields}
+        if fields.get("resume") and not fields.get("output_dir"):
+            merged["output_dir"] = fields["resume"]  # a resumed run keeps writing where it was, not in a preset's
         for f in dataclasses.fields(Config):
             setattr(self, f.name, merged.get(f.name, f.default))
         self.__post_init__()
@@ -1242,7 +1245,7 @@ def policy_update(
     for j, mb in enumerate(parts):
         local = mb[(mb >= offset) & (mb < offset + local_size)] - offset  # this rank's part of the minibatch
         optimizer.zero_grad(set_to_none=False)
-        for micro in local.split(config.micro_batch or max(len(local), 1)):
+        for micro in local.split(config.micro_batch or len(local)) if len(local) else ():  # a rank may hold none
             for k in range(trained):
                 loss, info = step_loss(backend, batch, local_adv, micro, k, sigmas, config)
                 (loss * len(micro) / len(mb) / trained).backward()
@@ -1835,6 +1838,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
             kwargs = dict(type={int | None: int}.get(kind, kind))
         parser.add_argument(f"--{f.name}", default=default, help=helps.get(f.name), **kwargs)
     args = parser.parse_args(argv)
+    if args.resume and not any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv or sys.argv[1:]):
+        args.output_dir = args.resume  # not a preset's output_dir
     try:
         config = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     except ConfigError as err:
