@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import glob
 import io
+import itertools
 import json
 import math
 import os
@@ -30,9 +33,20 @@ import statistics
 import time
 from multiprocessing import Pool
 
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
+import rewards
+import runs
+import shapes
 import vgpo
+
+matplotlib.use("Agg")  # figures are files
 
 # The five methods: each part of VGPO switched on alone. "weights only" scales GRPO's terminal
 # advantage by TCRM's Eq. 11 weights; "anchor only" adds the anchor to GRPO (Q_k = R_T).
@@ -75,8 +89,6 @@ def run_one(job: tuple) -> dict:
 
 
 def run_all(jobs: list, workers: int) -> list[dict]:
-    from tqdm import tqdm
-
     with Pool(workers) as pool:
         return list(tqdm(pool.imap(run_one, jobs), total=len(jobs), desc="runs"))
 
@@ -115,10 +127,6 @@ def methods_table(runs: list[dict]) -> str:
 
 def methods_figure(runs: list[dict], path: str) -> None:
     """Rollout reward vs iteration, mean and ± std band over seeds; one panel per setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     settings = list(dict.fromkeys(r["setting"] for r in runs))
     fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 3.8), squeeze=False)
@@ -236,32 +244,25 @@ def shapes_fields(args) -> dict:
 
 
 def load_lora(backend, path: str) -> None:
-    """Put a saved vgpo.lora_state() (safetensors) into a backend built with the same LoRA settings."""
-    from safetensors.torch import load_file
-
-    vgpo.set_lora(backend, load_file(path))
+    """Put a saved runs.lora_state() (safetensors) into a backend built with the same LoRA settings."""
+    runs.set_lora(backend, load_file(path))
 
 
 def shapes_final_evals(backend, config: vgpo.Config, strict) -> dict:
     """The run's final policy on the held-out prompts and noise of its evaluations: strict accuracy
-    of ODE samples at 10, 20 and 40 steps and of SDE samples (the training sampler) at 10 steps."""
+    of ODE samples (the evaluation's eval_steps) and of SDE samples (the training sampler, 10 steps)."""
     prompts = backend.eval_prompts(config.eval_samples)
-    out = {}
-    for steps in (10, 20, 40):
-        out[f"ode{steps}"] = vgpo.evaluate(backend, strict, prompts, steps, vgpo.make_generator(config.seed, 2))[0]
+    ode = vgpo.evaluate(backend, strict, prompts, config.eval_steps, vgpo.make_generator(config.seed, 2))[0]
     sigmas, gen = backend.sigmas(10), vgpo.make_generator(config.seed, 2)
-    batch = vgpo.rollout(backend, prompts, sigmas, config.noise_level, strict, gen, instant=False)
-    out["sde10"] = batch.rewards[:, -1]
+    sde = vgpo.rollout(backend, prompts, sigmas, config.noise_level, strict, gen, instant=False).rewards[:, -1]
     by_category = {}
     for category in shapes_categories(prompts):
         idx = [i for i, p in enumerate(prompts) if shapes_category(p) == category]
-        by_category[category] = out["ode20"][idx].mean().item()
-    return {k: v.mean().item() for k, v in out.items()} | {"ode20_by_category": by_category}
+        by_category[category] = ode[idx].mean().item()
+    return {"ode": ode.mean().item(), "sde10": sde.mean().item(), "ode_by_category": by_category}
 
 
 def shapes_category(prompt: str) -> str:
-    import shapes
-
     return shapes.parse_prompt(prompt)[0]
 
 
@@ -294,10 +295,8 @@ def shapes_run(job: tuple) -> dict:
         backend, _, strict, optimizer = vgpo.setup(config)  # eval reward: geneval_shapes
         vgpo.load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), backend, optimizer, config)
         finals = shapes_final_evals(backend, config, strict)
-    from safetensors.torch import save_file
-
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_file({k: v.half().contiguous() for k, v in vgpo.lora_state(backend).items()}, path[:-5] + ".lora.safetensors")
+    save_file({k: v.half().contiguous() for k, v in runs.lora_state(backend).items()}, path[:-5] + ".lora.safetensors")
     record = {
         "reward": reward,
         "method": method,
@@ -339,11 +338,9 @@ def shapes_jobs(args) -> list:
     return [(*job, args.out, max(1, torch.get_num_threads() // args.workers)) for job in jobs]
 
 
-def shapes(args) -> None:
+def shapes_runs(args) -> None:
     """GRPO vs each part of VGPO on the shapes benchmark (the demo's preset, held-out strict accuracy),
     run by run in the background: python experiments.py shapes; then python experiments.py shapes_report."""
-    from tqdm import tqdm
-
     jobs = shapes_jobs(args)
     with Pool(args.workers, maxtasksperchild=1) as pool:
         for record in tqdm(pool.imap(shapes_run, jobs), total=len(jobs), desc="shapes runs"):
@@ -352,8 +349,6 @@ def shapes(args) -> None:
 
 
 def load_shapes_runs(out: str) -> list:
-    import glob
-
     runs = []
     for path in sorted(glob.glob(os.path.join(out, "shapes_runs", "*.json"))):
         with open(path) as f:
@@ -375,10 +370,10 @@ def shapes_report(args) -> None:
     prompts = runs[0].get("shapes_prompts", "grammar")  # runs before the field: the grammar
     where = "held-out" if prompts == "grammar" else "its prompts, new noise"
     rows = [
-        f"| reward | method | seeds | strict acc. ODE 20 ({where}) | ODE 10 | ODE 40 | SDE 10 "
+        f"| reward | method | seeds | strict acc. ODE ({where}) | per seed | SDE 10 "
         "| iters to eval +0.1 over base | zero_std_ratio first / last 10 it. "
         "| adv_rel_abs / adv_anchor_abs | KL to ref | s / iter |",
-        "|---" * 12 + "|",
+        "|---" * 11 + "|",
     ]
     for reward in dict.fromkeys(r["reward"] for r in runs):
         for method in METHODS:
@@ -390,9 +385,8 @@ def shapes_report(args) -> None:
             hist = [h for r in rs for h in r["history"]]
             cells = [
                 str(len(rs)),
-                mean_std(r["final"]["ode20"] for r in rs),
-                mean_std(r["final"]["ode10"] for r in rs),
-                mean_std(r["final"]["ode40"] for r in rs),
+                mean_std(r["final"]["ode"] for r in rs),
+                ", ".join(f"{r['final']['ode']:.3f}" for r in sorted(rs, key=lambda r: r["seed"])),
                 mean_std(r["final"]["sde10"] for r in rs),
                 f"{mean_std(reached)} ({sum(x is not None for x in reached)}/{len(rs)})",
                 f"{mean_std(zs(r, lambda h: h[:10]) for r in rs)} / {mean_std(zs(r, lambda h: h[-10:]) for r in rs)}",
@@ -428,13 +422,13 @@ def shapes_sweep_report(all_runs: list, out: str) -> None:
     for r in all_runs:
         if r["reward"] == "strict" and r["method"] == "VGPO" and r["seed"] < 3:
             settings.setdefault((r.get("kappa", default.kappa), r.get("gamma", default.gamma)), []).append(r)
-    rows = ["| kappa | gamma | seeds | strict acc. ODE 20 | per seed | zero_std_ratio last 10 it. |", "|---" * 6 + "|"]
+    rows = ["| kappa | gamma | seeds | strict acc. ODE | per seed | zero_std_ratio last 10 it. |", "|---" * 6 + "|"]
     for (kappa, gamma), rs in settings.items():
         rs = sorted(rs, key=lambda r: r["seed"])
-        per_seed = ", ".join(f"{r['final']['ode20']:.3f}" for r in rs)
+        per_seed = ", ".join(f"{r['final']['ode']:.3f}" for r in rs)
         zero = mean_std(statistics.mean(h["zero_std_ratio"] for h in r["history"][-10:]) for r in rs)
         rows.append(
-            f"| {kappa} | {gamma} | {len(rs)} | {mean_std(r['final']['ode20'] for r in rs)} | {per_seed} | {zero} |"
+            f"| {kappa} | {gamma} | {len(rs)} | {mean_std(r['final']['ode'] for r in rs)} | {per_seed} | {zero} |"
         )
     text = (
         f"`python experiments.py shapes --methods VGPO --rewards strict --sweep` then `shapes_report` ({out}): "
@@ -448,10 +442,6 @@ def shapes_sweep_report(all_runs: list, out: str) -> None:
 
 def shapes_figure(runs: list, path: str, where: str = "held-out") -> None:
     """Per reward: strict accuracy (ODE) and zero_std_ratio over iterations, mean ± std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     rewards_ = list(dict.fromkeys(r["reward"] for r in runs))
     fig, axes = plt.subplots(len(rewards_), 2, figsize=(11, 3.6 * len(rewards_)), squeeze=False)
@@ -467,7 +457,7 @@ def shapes_figure(runs: list, path: str, where: str = "held-out") -> None:
                 mean, std = y.mean(0), y.std(0, correction=0)
                 ax.plot(x, mean, label=f"{method} ({len(rs)})", lw=1.5)
                 ax.fill_between(x, mean - std, mean + std, alpha=0.15)
-        row[0].set(title=f"{reward} reward: strict accuracy (ODE 20, {where})", xlabel="iteration")
+        row[0].set(title=f"{reward} reward: strict accuracy (ODE, {where})", xlabel="iteration")
         row[1].set(title=f"{reward} reward: zero_std_ratio (groups with one score)", xlabel="iteration")
         for ax in row:
             ax.grid(alpha=0.3)
@@ -480,8 +470,6 @@ def shapes_figure(runs: list, path: str, where: str = "held-out") -> None:
 def shapes_grids(args) -> None:
     """Base, GRPO and VGPO (strict reward, seed 0) on the same evaluation prompts (held-out, or
     --shapes_prompts) and noise: one PNG each."""
-    import rewards
-
     config = vgpo.Config(**shapes_fields(args), seed=0)
     backend = vgpo.build_backend(config)
     strict = rewards.load_reward("geneval_shapes")
@@ -495,8 +483,33 @@ def shapes_grids(args) -> None:
         if path:
             load_lora(backend, path)
         scores, samples = vgpo.evaluate(backend, strict, prompts, config.eval_steps, vgpo.make_generator(0, 2))
-        vgpo.save_samples(samples, os.path.join(args.out, f"shapes_grid_{name}.png"), prompts, scores, limit=12)
+        runs.save_samples(samples, os.path.join(args.out, f"shapes_grid_{name}.png"), prompts, scores, limit=12)
         print(f"{name}: {scores.mean().item():.3f} on these 12 prompts")
+
+
+def shapes_base_rates(args) -> None:
+    """The base model's strict pass rate per training prompt of the single-object, counting and
+    two-object categories (--per_prompt ODE samples each, new noise): shapes_base_rates.json and .md,
+    from which the demo's prompts are chosen (rule in RESULTS.md)."""
+    backend = vgpo.build_backend(vgpo.Config(**SHAPES_BENCH, seed=0))
+    strict = rewards.load_reward("geneval_shapes")
+    prompts = [p for c in ("single object", "counting", "two objects") for p in backend.by_category[c]]
+    path = os.path.join(args.out, "shapes_base_rates.json")
+    rates = json.load(open(path)) if os.path.exists(path) else {}
+    for prompt in tqdm([p for p in prompts if p not in rates], desc="base rates"):
+        scores, _ = vgpo.evaluate(backend, strict, [prompt] * args.per_prompt, 20, vgpo.make_generator(0, 5))
+        rates[prompt] = scores.mean().item()
+        with open(path, "w") as f:
+            json.dump(rates, f, indent=1)
+    rows = ["| prompt | category | base strict pass rate |", "|---|---|---|"]
+    rows += [f"| {p} | {shapes_category(p)} | {r:.3f} |" for p, r in sorted(rates.items(), key=lambda x: x[1])]
+    text = (
+        f"`python experiments.py shapes_base_rates --per_prompt {args.per_prompt}`: the shipped base model, ODE 20 "
+        "steps, guidance 4.5, new noise, strict reward.\n\n" + "\n".join(rows) + "\n"
+    )
+    with open(os.path.join(args.out, "shapes_base_rates.md"), "w") as f:
+        f.write(text)
+    print(text)
 
 
 def premise_stats(instant, final, group_size: int) -> dict:
@@ -531,14 +544,13 @@ def premise_stats(instant, final, group_size: int) -> dict:
 @torch.no_grad()
 def ode_completion_rewards(backend, batch, sigmas, reward_fns: dict, steps: int = 3) -> dict:
     """DenseGRPO's alternative to the one-step projection: from each state x_k of a rollout, a
-    `steps`-step Euler ODE to sigma = 0, scored by each reward. Returns {name: (B, T-1)} for the
-    states after steps 1..T-1."""
+    `steps`-step Euler ODE to sigma = 0 (vgpo.ode_completion), scored by each reward. Returns
+    {name: (B, T-1)} for the states after steps 1..T-1."""
     out = {name: [] for name in reward_fns}
     for k in range(1, len(sigmas) - 1):
-        x, sub = batch.latents[:, k], torch.linspace(float(sigmas[k]), 0.0, steps + 1)
-        for j in range(steps):
-            x = x + backend.velocity(x, sub[j], batch.cond) * (sub[j + 1] - sub[j])
-        images = backend.decode(x)
+        x = batch.latents[:, k]
+        v = backend.velocity(x, sigmas[k], batch.cond)
+        images = backend.decode(vgpo.ode_completion(backend, x, v, sigmas[k], batch.cond, steps))
         for name, fn in reward_fns.items():
             out[name].append(fn(images, batch.prompts))
     return {name: torch.stack(rows, 1) for name, rows in out.items()}
@@ -548,12 +560,10 @@ def premise(args) -> None:
     """TCRM's premise on images: per step, the projected reward vs the final reward, under the SDE
     and the ODE, for the base model and the trained VGPO (strict, seed 0) policy; also a 3-step ODE
     completion from the same states. Strict and partial rewards. Writes shapes_premise.{json,md,png}."""
-    import rewards
-
     torch.set_num_threads(args.threads)
     config = vgpo.Config(**shapes_fields(args), seed=0)
     backend = vgpo.build_backend(config)
-    base = vgpo.lora_state(backend)
+    base = runs.lora_state(backend)
     trained_path = os.path.join(args.out, "shapes_runs", "strict_VGPO_s0.lora.safetensors")
     policies = {"base": None} | ({"VGPO (strict, seed 0)": trained_path} if os.path.exists(trained_path) else {})
     scorers = {n: rewards.load_reward(SHAPES_REWARDS[n]) for n in SHAPES_REWARDS}
@@ -562,7 +572,7 @@ def premise(args) -> None:
     prompts = [p for p in backend.prompts(groups, vgpo.make_generator(7, 0)) for _ in range(G)]  # as in training
     results = {"sigmas": sigmas.tolist(), "groups": groups, "group_size": G, "prompts": args.shapes_prompts, "runs": []}
     for policy, path in policies.items():
-        vgpo.set_lora(backend, base)
+        runs.set_lora(backend, base)
         if path:
             load_lora(backend, path)
         for sampler, noise in (("SDE", config.noise_level), ("ODE", 0.0)):
@@ -597,8 +607,6 @@ def gradients(args) -> None:
     groups of different prompts, and groups of the same prompt. A direction that many prompts share
     gives a positive mean over different prompts; a group gradient that is mostly sampling noise
     gives ~0 even for the same prompt. Writes shapes_gradients.{json,md}."""
-    import itertools
-
     torch.set_num_threads(args.threads)
     results = []
     for reward in ("strict", "partial"):
@@ -670,10 +678,6 @@ def gradients(args) -> None:
 
 def premise_report(results: dict, out: str) -> None:
     """Markdown table and figure of premise()'s results."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     sig = results["sigmas"][1:]  # the sigma of the state after each step
     rows = [
@@ -722,9 +726,6 @@ def premise_report(results: dict, out: str) -> None:
 
 def render_text(text: str, size: int = 256) -> torch.Tensor:
     """Black text on white, drawn with PIL's default font: (3, size, size) in [0, 1]."""
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
-
     image = Image.new("RGB", (size, size), "white")
     ImageDraw.Draw(image).text((20, size // 2 - 28), text, fill="black", font=ImageFont.load_default(size=40))
     return torch.tensor(np.array(image)).permute(2, 0, 1).float() / 255  # (3, H, W)
@@ -732,10 +733,6 @@ def render_text(text: str, size: int = 256) -> torch.Tensor:
 
 def shapes_batch(n: int, size: int, seed: int = 0):
     """n random shapes scenes (all four categories) as images (n, 3, size, size) and their prompts."""
-    import numpy as np
-
-    import shapes
-
     rng = np.random.default_rng(seed)
     scenes = [shapes.random_scene(shapes.CATEGORIES[i % 4], rng) for i in range(n)]
     images = torch.stack([torch.tensor(shapes.render(s, size, rng)).permute(2, 0, 1) for s in scenes]) / 255
@@ -745,8 +742,6 @@ def shapes_batch(n: int, size: int, seed: int = 0):
 def reward_cost(args) -> None:
     """Milliseconds per image of the offline rewards: 8 images with rendered text per size, and
     64 random shapes scenes at the model's 32 px for the GenEval-style rewards."""
-    import rewards
-
     rows = ["| reward | image side | ms / image | mean reward |", "|---|---|---|---|"]
     for name in rewards.OFFLINE_REWARDS:
         fn = rewards.load_reward(name)
@@ -922,8 +917,6 @@ OVERLAP_CASES = [  # (label, reward spec or latency in ms, image side, timed: "i
 
 def ocr_throughput(threads_list, size: int = 256, images: int = 16) -> list[tuple[int, float]]:
     """Images per second of one OCR reward call on rendered text, for each thread count."""
-    import rewards
-
     batch = torch.stack([render_text(w, size) for w in ("HELLO", "GARDEN", "MUSIC", "NORTH") * (images // 4)])
     prompts = ['a sign that says "hello"'] * len(batch)
     out = []
@@ -984,8 +977,6 @@ def gpu_check(args) -> None:
     """One backend of SD3.5-Medium's architecture, measured in several settings in turn (the text
     encoders are freed part-way, as --offload_text_encoders does). Appends one JSON line per
     measurement to --out/gpu_check.jsonl as it goes, then writes gpu_check.md."""
-    import dataclasses
-
     cuda = torch.cuda.is_available()  # without one (a dry run: --model tiny --resolution 32) memory reads 0
     gib = lambda read: read() / 2**30 if cuda else 0.0
     path = os.path.join(args.out, "gpu_check.jsonl")
@@ -1034,8 +1025,6 @@ def gpu_check(args) -> None:
     if args.memory_cap_gib:  # the preset alone, under the cap
         return
     measure("small-gpu preset, no checkpointing", "VGPO", gradient_checkpointing=False)
-    import rewards
-
     for threads in (0, 4):  # rollouts alone; OCR engines made and warmed before timing
         ocr = rewards.load_reward("ocr", threads=threads)
         ocr(backend.decode(backend.noise(2, torch.Generator())), ['"a"'] * 2)
@@ -1070,7 +1059,7 @@ def curves(args) -> None:
     """Reward, eval reward, zero_std_ratio, |A| parts, KL to the reference and clipfrac of the
     run directories given, in one PNG (--out/curves.png)."""
     path = os.path.join(args.out, "curves.png")
-    vgpo.plot_curves(args.runs, path)
+    runs.plot_curves(args.runs, path)
     print(f"wrote {path}")
 
 
@@ -1090,6 +1079,7 @@ def main(argv=None):
             "shapes",
             "shapes_report",
             "shapes_grids",
+            "shapes_base_rates",
             "premise",
             "gradients",
         ],
@@ -1116,6 +1106,7 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true", help="shapes: also kappa 0.5, 2 and gamma 0.5, 0.99 (VGPO)")
     parser.add_argument("--threads", type=int, default=2, help="premise, gradients: torch threads")
     parser.add_argument("--premise_groups", type=int, default=16, help="premise, gradients: prompts (groups of G)")
+    parser.add_argument("--per_prompt", type=int, default=32, help="shapes_base_rates: samples per prompt")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     if args.iterations is None and args.what in ("methods", "sweep", "diagnostics"):
@@ -1130,9 +1121,10 @@ def main(argv=None):
         overlap=overlap,
         gpu_check=gpu_check,
         curves=curves,
-        shapes=shapes,
+        shapes=shapes_runs,
         shapes_report=shapes_report,
         shapes_grids=shapes_grids,
+        shapes_base_rates=shapes_base_rates,
         premise=premise,
         gradients=gradients,
     )

@@ -12,20 +12,25 @@ every call in one pool of that many threads, shared by calls that run at once.
 name from REWARDS or a weighted mix "ocr:1.0,pickscore:0.5" (the weighted SUM of the parts).
 Every reward says its range; SPEC section 3 wants rewards in roughly [0, 1], because the
 timestep weights of Eq. 11 divide by a trajectory's mean value. Heavy imports and downloads
-happen inside each factory, so listing or mixing rewards costs nothing until one is loaded.
+happen inside each factory (rapidocr, transformers, the hub), so listing or mixing rewards costs
+nothing until one is loaded.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import os
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
+import cv2  # OpenCV, installed with rapidocr-onnxruntime
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 import shapes
 
@@ -66,8 +71,6 @@ def to_uint8(images) -> list:
 
 def jpeg_bits_per_pixel(images, quality: int = 95) -> torch.Tensor:
     """JPEG size (quality 95, as DDPO) in bits per pixel. (B, 3, H, W) -> (B,)."""
-    from PIL import Image
-
     sizes = []
     for arr in to_uint8(images):
         buffer = io.BytesIO()
@@ -128,10 +131,6 @@ def ocr(device="cpu", threads=0):
     each with its own engine (onnxruntime releases the GIL). Calls that run at once share the
     pool, so the cores are never oversubscribed; its threads live as long as the reward, so
     engines are made once, whichever thread calls the reward."""
-    import os
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
     from rapidocr_onnxruntime import RapidOCR
 
     threads = threads or os.cpu_count() or 1
@@ -342,8 +341,6 @@ def find_objects(arr, min_side: float = 0.25) -> tuple[list, int]:
     benchmark's smallest shape is 25 %: its triangle has 50 % of that square) is a speck and
     ignored. Above that, a component is an object only when `recognise_shape` names it and its box's
     longer side is at least 85 % of `min_side`; otherwise it is unrecognised (clutter)."""
-    import cv2
-
     side = min_side * arr.shape[0]
     min_area, min_box = 0.15 * side**2, 0.85 * side
     found, unrecognised = [], 0

@@ -15,8 +15,10 @@ import pytest
 import torch
 from einops import rearrange
 
+import backends
 import experiments
 import rewards
+import runs
 import shapes
 import shapes_model
 import tiny
@@ -65,7 +67,7 @@ def test_sampler_preserves_gaussian_marginals(noise_level):
     """Data N(0, sd^2): the exact velocity is linear, E[x1 - x0 | x_s] = x (s - (1-s) sd^2) / var_s.
     Eq. 7 is marginal-preserving for any noise level: samples end with std sd, up to the
     first-order discretisation error (0.497 ODE / 0.501 SDE at 200 steps, 0.486 / 0.499 at 50)."""
-    sd, n, sigmas = 0.5, 40000, vgpo.sigma_schedule(200, 1.0)
+    sd, n, sigmas = 0.5, 40000, backends.sigma_schedule(200, 1.0)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 1, generator=g)
     for k in range(200):
@@ -165,7 +167,7 @@ def test_loss_gradient_vanishes_where_the_clip_is_active():
 @pytest.mark.parametrize("instant", [True, False])
 def test_tcrm_reuses_the_samplers_velocity(instant):
     config = vgpo.toy_config(toy_pretrain_steps=200)
-    backend = experiments.CountingBackend(vgpo.ToyBackend(config))
+    backend = experiments.CountingBackend(backends.ToyBackend(config))
     reward = backend.load_reward(config.reward)
     counted = backend.counted_reward(reward)
     sigmas = backend.sigmas(10)
@@ -207,7 +209,7 @@ def test_toy_training_raises_the_reward_and_ratio_starts_at_one():
 
 
 def test_same_seed_same_history_whatever_the_global_rng_and_cache():
-    vgpo.pretrain_toy.cache_clear()
+    backends.pretrain_toy.cache_clear()
     runs = [vgpo.train(vgpo.toy_config(**{**FAST, "iterations": 3}))]  # pretrains: cache miss
     torch.rand(17)  # the global generator moves on
     runs.append(vgpo.train(vgpo.toy_config(**{**FAST, "iterations": 3})))  # cache hit
@@ -497,13 +499,13 @@ def test_tiny_training_writes_lora_history_and_sample_grids(tmp_path):
 
 
 def test_ocr_prompts_carry_their_target_word():
-    prompts = vgpo.ocr_prompts(["coffee"])
+    prompts = backends.ocr_prompts(["coffee"])
     assert all(rewards.target_text(p) == "COFFEE" for p in prompts)
-    assert not set(vgpo.OCR_WORDS) & set(vgpo.OCR_EVAL_WORDS)  # held-out words
+    assert not set(backends.OCR_WORDS) & set(backends.OCR_EVAL_WORDS)  # held-out words
 
 
 def test_unloadable_model_error_names_it_and_the_offline_options():
-    code = "import vgpo; vgpo.load_sd3_pipeline('no-such-org/no-such-model', 32, None)"
+    code = "import backends; backends.load_sd3_pipeline('no-such-org/no-such-model', 32, None)"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert "no-such-org/no-such-model" in out.stderr and "--model tiny" in out.stderr
@@ -634,7 +636,7 @@ def test_negative_rewards_warn_once_and_weights_fall_back():
 @pytest.mark.parametrize("num_steps", [1, 2, 10, 50])
 @pytest.mark.parametrize("noise_level", [0.0, 0.1, 0.7, 1.5])
 def test_sampler_and_loss_match_float64_over_schedules_and_noise(shift, num_steps, noise_level):
-    sigmas = vgpo.sigma_schedule(num_steps, shift)
+    sigmas = backends.sigma_schedule(num_steps, shift)
     assert sigmas[0] == 1 and sigmas[-1] == 0
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, generator=g)
@@ -729,7 +731,7 @@ def test_sd35_medium_spec_respects_sd3_width_constraints():
     with torch.device("meta"):  # builds the real architecture without allocating it
         transformer = SD3Transformer2DModel(**spec["transformer"])
         assert len(transformer.transformer_blocks) == 24
-        model = vgpo.add_lora(transformer, 32, 64, vgpo.SD3_LORA_TARGETS, 0)
+        model = backends.add_lora(transformer, 32, 64, backends.SD3_LORA_TARGETS, 0)
     # Flow-GRPO's targets on SD3.5-Medium: 191 modules, 18,776,064 parameters at r 32 (attn2 untouched)
     lora = [name for name, module in model.named_modules() if "default" in getattr(module, "lora_A", {})]
     assert len(lora) == 191 and not any("attn2" in name for name in lora)
@@ -995,14 +997,14 @@ def test_offloading_encodes_every_prompt_before_the_transformer_moves(monkeypatc
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
     events, encode, to = [], StableDiffusion3Pipeline.encode_prompt, SD3Transformer2DModel.to
-    free = vgpo.SD3Backend.free_text_encoders
+    free = backends.SD3Backend.free_text_encoders
 
     def record(name, fn):
         return lambda self, *a, **k: events.append(name) or fn(self, *a, **k)
 
     monkeypatch.setattr(StableDiffusion3Pipeline, "encode_prompt", record("encode", encode))
     monkeypatch.setattr(SD3Transformer2DModel, "to", record("transformer", to))
-    monkeypatch.setattr(vgpo.SD3Backend, "free_text_encoders", lambda self: free(self) or events.append("freed"))
+    monkeypatch.setattr(backends.SD3Backend, "free_text_encoders", lambda self: free(self) or events.append("freed"))
     backend = vgpo.build_backend(tiny_config(offload_text_encoders=True))
     assert backend.pipe.text_encoder is None and "transformer" in events
     last_encode = max(i for i, e in enumerate(events) if e == "encode")
@@ -1028,11 +1030,11 @@ def test_ode_step_draws_no_noise_and_no_density():
 def test_prompts_of_a_batch_are_distinct_while_there_are_enough():
     pool = list("abcdefg")
     for seed in range(5):
-        drawn = vgpo.draw_prompts(pool, 5, torch.Generator().manual_seed(seed))
+        drawn = backends.draw_prompts(pool, 5, torch.Generator().manual_seed(seed))
         assert len(set(drawn)) == 5
-        drawn = vgpo.draw_prompts(pool, 10, torch.Generator().manual_seed(seed))
+        drawn = backends.draw_prompts(pool, 10, torch.Generator().manual_seed(seed))
         assert sorted(drawn.count(p) for p in pool) == [1, 1, 1, 1, 2, 2, 2]
-    assert sorted(vgpo.ToyBackend(vgpo.toy_config(toy_pretrain_steps=10)).prompts(8, torch.Generator())) == [
+    assert sorted(backends.ToyBackend(vgpo.toy_config(toy_pretrain_steps=10)).prompts(8, torch.Generator())) == [
         0, 0, 1, 1, 2, 2, 3, 3
     ]  # fmt: skip
 
@@ -1053,7 +1055,7 @@ def test_python_config_builds_the_command_lines_run():
 
 
 def test_vae_decodes_in_float32_and_in_chunks(monkeypatch):
-    monkeypatch.setattr(vgpo, "model_dtype", lambda device: torch.bfloat16)  # as on a GPU
+    monkeypatch.setattr(backends, "model_dtype", lambda device: torch.bfloat16)  # as on a GPU
     backend = vgpo.build_backend(tiny_config())
     assert backend.pipe.transformer.dtype == torch.bfloat16 and backend.pipe.vae.dtype == torch.float32
     latents = backend.noise(5, torch.Generator().manual_seed(0))
@@ -1074,7 +1076,7 @@ def test_sigmas_follow_the_loaded_schedulers_config():
     expected = FlowMatchEulerDiscreteScheduler(shift=3.0, shift_terminal=0.1)  # the configured shift wins
     expected.set_timesteps(10)
     torch.testing.assert_close(backend.sigmas(10), expected.sigmas.float())
-    assert not torch.allclose(backend.sigmas(10), vgpo.sigma_schedule(10, 3.0))
+    assert not torch.allclose(backend.sigmas(10), backends.sigma_schedule(10, 3.0))
 
 
 def test_guidance_one_runs_the_conditional_branch_only_and_train_cfg_off_trains_on_it():
@@ -1130,7 +1132,7 @@ def test_reward_workers_give_the_inline_rewards_in_step_order_and_overlap():
     # the rollout's velocity calls: 1 at the noise, then k + 2 after step k. Step k's reward is submitted after
     # call k + 2 and waits for call k + 3 (the sampler's next step): scored inline it blocks the sampler and can
     # only time out; scored by workers the sampler runs on and it never waits in vain
-    backend = _VelocityCalls(vgpo.ToyBackend(vgpo.toy_config(toy_pretrain_steps=200)))
+    backend = _VelocityCalls(backends.ToyBackend(vgpo.toy_config(toy_pretrain_steps=200)))
     sigmas, T, batches, timed_out = backend.sigmas(6), 6, {}, {}
     for workers in (0, 6):
         timed_out[workers], step, names = [], [0], set()
@@ -1355,13 +1357,13 @@ def test_geneval_shapes_counts_patch_sized_blocks_as_clutter_and_ignores_specks(
     assert reward(_as_batch([bar]), ["a photo of a red square"]).item() == 0.0
 
 
-def _shapes_record(method, seed, ode20, **overrides):
+def _shapes_record(method, seed, ode, **overrides):
     history = [
         dict(zero_std_ratio=z, adv_rel_abs=0.5, adv_anchor_abs=0.1, kl_ref=1e-4, seconds=1.0) for z in (0.8, 0.4)
     ]
-    final = dict(ode10=ode20, ode20=ode20, ode40=ode20, sde10=ode20)
+    final = dict(ode=ode, sde10=ode)
     return dict(reward="strict", method=method, seed=seed, **overrides, iterations=2, shapes_prompts="grammar",
-                eval_before=0.1, evals=[(2, ode20)], final=final, history=history)  # fmt: skip
+                eval_before=0.1, evals=[(2, ode)], final=final, history=history)  # fmt: skip
 
 
 def test_shapes_jobs_filter_rewards_and_the_sweep_table_reads_the_runs(tmp_path):
@@ -1381,7 +1383,7 @@ def test_shapes_jobs_filter_rewards_and_the_sweep_table_reads_the_runs(tmp_path)
         (tmp_path / "shapes_runs" / f"{i}.json").write_text(json.dumps(r))
     experiments.shapes_report(args)
     methods = (tmp_path / "shapes_methods.md").read_text()
-    assert "| strict | VGPO | 3 | 0.200 ± 0.082 |" in methods and "kappa" not in methods  # the sweep is apart
+    assert "| strict | VGPO | 3 | 0.200 ± 0.082 | 0.100, 0.200, 0.300 |" in methods and "kappa" not in methods
     sweep = (tmp_path / "shapes_sweep.md").read_text()
     assert "| 1.0 | 0.9 | 3 | 0.200 ± 0.082 | 0.100, 0.200, 0.300 | 0.600 ± 0.000 |" in sweep
     assert "| 2.0 | 0.9 | 3 | 0.500 ± 0.082 | 0.400, 0.500, 0.600 |" in sweep
@@ -1716,7 +1718,7 @@ def test_trainer_ema_steps_once_per_optimizer_step_and_serves_evaluation_and_exp
     from safetensors.torch import load_file
 
     exported = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
-    names = list(vgpo.lora_state(vgpo.build_backend(config)))  # the order of backend.parameters()
+    names = list(runs.lora_state(vgpo.build_backend(config)))  # the order of backend.parameters()
     assert len(exported) == len(names) == len(emas[0].shadow)
     for name, shadow in zip(names, emas[0].shadow, strict=True):  # peft drops the adapter name on export
         torch.testing.assert_close(exported[name.replace(".default", "")], shadow)
@@ -1783,7 +1785,7 @@ def _catch(fn):
 
 
 def test_an_exception_in_a_reward_worker_surfaces_by_name_without_hanging():
-    backend = vgpo.ToyBackend(vgpo.toy_config(toy_pretrain_steps=200))
+    backend = backends.ToyBackend(vgpo.toy_config(toy_pretrain_steps=200))
     calls = []
 
     def failing(points, prompts):
@@ -1860,7 +1862,7 @@ def _distributed_update(rank, world, init_file, out):
         offset = 4 * rank if world > 1 else 0
         record = vgpo.policy_update(backend, local, adv, optimizer, sigmas, config, torch.Generator().manual_seed(7),
                                     offset, 8)  # fmt: skip
-        results[case] = (vgpo.lora_state(backend), record)
+        results[case] = (runs.lora_state(backend), record)
     torch.save(results, os.path.join(out, f"{world}_{rank}.pt"))
     if world > 1:
         dist.destroy_process_group()
@@ -1882,3 +1884,24 @@ def test_distributed_edges_equal_one_process(tmp_path):
             for name in lora_1:
                 torch.testing.assert_close(lora_2[name], lora_1[name], rtol=1e-4, atol=1e-6)
             assert any(not torch.equal(v, torch.zeros_like(v)) for n, v in lora_2.items() if "lora_B" in n)  # moved
+
+
+def test_value_steps_one_is_the_projection_and_n_steps_cost_n_minus_one_calls_each():
+    config = tiny_config(num_steps=4)
+    backend = experiments.CountingBackend(vgpo.build_backend(config))
+    x, cond = backend.noise(2, torch.Generator().manual_seed(0)), backend.encode(["a sign"] * 2)
+    v = backend.velocity(x, 0.6, cond)
+    torch.testing.assert_close(vgpo.ode_completion(backend, x, v, 0.6, cond, 1), vgpo.project_x0(x, v, 0.6))
+    # three Euler steps by hand on the grid 0.6, 0.4, 0.2, 0
+    by_hand = x + v * -0.2
+    by_hand = by_hand + backend.velocity(by_hand, 0.4, cond) * -0.2
+    by_hand = by_hand + backend.velocity(by_hand, 0.2, cond) * -0.2
+    torch.testing.assert_close(vgpo.ode_completion(backend, x, v, 0.6, cond, 3), by_hand, rtol=1e-5, atol=1e-5)
+    calls = {}
+    for n in (1, 3):
+        backend.calls = dict.fromkeys(backend.calls, 0)
+        reward = backend.counted_reward(vgpo.checked_reward(backend.load_reward(config.reward), config.reward))
+        sigmas = backend.sigmas(4)
+        vgpo.rollout(backend, ["a", "b"], sigmas, 0.7, reward, torch.Generator().manual_seed(0), True, 0, n)
+        calls[n] = backend.calls["velocity"]
+    assert calls == {1: 4, 3: 4 + 3 * 2}  # T velocity calls, plus (n - 1) for each of the T - 1 projections
