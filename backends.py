@@ -17,7 +17,7 @@ import os
 
 import torch
 import torch.nn as nn
-from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
 import rewards
@@ -281,6 +281,8 @@ def load_sd3_pipeline(model: str, resolution: int, dtype, device="cpu"):
             return tiny.tiny_sd3_pipeline(resolution)
         return tiny.sd3_pipeline_from_configs(tiny.SD35_MEDIUM, resolution, device=device, dtype=dtype)
 
+    from diffusers import StableDiffusion3Pipeline  # lazy: ~7 s of imports the toy and shapes paths skip
+
     try:
         return StableDiffusion3Pipeline.from_pretrained(model, torch_dtype=dtype)
     except (OSError, ValueError) as err:
@@ -442,6 +444,8 @@ class SD3Backend:
 
     def save(self, directory: str):
         """LoRA weights in the diffusers format: StableDiffusion3Pipeline.load_lora_weights(directory)."""
+        from diffusers import StableDiffusion3Pipeline
+
         state = get_peft_model_state_dict(self.model)  # keys start with the PeftModel's "base_model.model."
         layers = {key.removeprefix("base_model.model."): value for key, value in state.items()}
         metadata = self.model.peft_config["default"].to_dict()  # lora_alpha: without it loaders assume alpha = r

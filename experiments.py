@@ -488,12 +488,12 @@ def shapes_grids(args) -> None:
 
 
 def shapes_base_rates(args) -> None:
-    """The base model's strict pass rate per training prompt of the single-object, counting and
-    two-object categories (--per_prompt ODE samples each, new noise): shapes_base_rates.json and .md,
-    from which the demo's prompts are chosen (rule in RESULTS.md)."""
+    """The base model's strict pass rate per prompt of the single-object and counting categories
+    (--per_prompt ODE samples each, new noise): shapes_base_rates.json and .md, from which the demo's
+    prompts are chosen (rule in RESULTS.md)."""
     backend = vgpo.build_backend(vgpo.Config(**SHAPES_BENCH, seed=0))
     strict = rewards.load_reward("geneval_shapes")
-    prompts = [p for c in ("single object", "counting", "two objects") for p in backend.by_category[c]]
+    prompts = [p for c in ("single object", "counting") for p in backend.by_category[c]]
     path = os.path.join(args.out, "shapes_base_rates.json")
     rates = json.load(open(path)) if os.path.exists(path) else {}
     for prompt in tqdm([p for p in prompts if p not in rates], desc="base rates"):

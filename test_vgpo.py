@@ -514,7 +514,7 @@ def test_unloadable_model_error_names_it_and_the_offline_options():
 # ---------------------------------------------------------------------------- reliability
 
 
-RUN = ["--iterations", "16", "--checkpoint_every", "3", "--toy_pretrain_steps", "300", "--eval_samples", "64", "--ema"]
+RUN = ["--iterations", "8", "--checkpoint_every", "3", "--toy_pretrain_steps", "300", "--eval_samples", "64", "--ema"]
 
 
 def _cli(args, kill_after=None, sig=signal.SIGKILL):
@@ -551,7 +551,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_run(tmp_path, sig, 
     full, cut = uninterrupted_run, str(tmp_path / "cut")
     assert _cli([*RUN, "--output_dir", cut], kill_after=3, sig=sig) != 0  # killed, or stopped after iteration >= 3
     saved = torch.load(os.path.join(cut, "checkpoint.pt"), weights_only=False)["iteration"]
-    assert 3 <= saved < 16 and not os.path.exists(os.path.join(cut, "history.json"))
+    assert 3 <= saved < 8 and not os.path.exists(os.path.join(cut, "history.json"))
     with open(os.path.join(cut, "metrics.jsonl")) as f:  # streamed while running: nothing lost at the kill
         assert len(f.readlines()) >= saved
     assert _cli([*RUN, "--resume", cut]) == 0
@@ -1516,8 +1516,9 @@ def test_shapes_prompts_list_feeds_training_and_evaluation_and_names_a_bad_promp
     backend = vgpo.build_backend(config)
     assert sorted(backend.prompts(2, vgpo.make_generator(0, 1))) == sorted(good)
     assert backend.eval_prompts(3) == [*good, good[0]]
-    demo = vgpo.build_backend(vgpo.Config(model="shapes", shapes_weights=shapes_weights))  # the preset: one prompt
-    assert set(demo.eval_prompts(8)) == {vgpo.PRESETS["shapes"]["shapes_prompts"]} == set(demo.prompts(8, None))
+    demo = vgpo.build_backend(vgpo.Config(model="shapes", shapes_weights=shapes_weights))  # the preset's prompts
+    preset = set(backends.shapes_prompt_list(vgpo.PRESETS["shapes"]["shapes_prompts"]))
+    assert len(preset) == 3 and set(demo.eval_prompts(9)) == preset >= set(demo.prompts(2, None))
     grammar = vgpo.build_backend(vgpo.Config(model="shapes", shapes_weights=shapes_weights, shapes_prompts="grammar"))
     assert len(set(grammar.eval_prompts(400))) > 100  # held-out prompts of every category
     with pytest.raises(vgpo.ConfigError, match="shapes_prompts.*purple circle"):
@@ -1529,14 +1530,14 @@ def test_shapes_prompts_list_feeds_training_and_evaluation_and_names_a_bad_promp
 
 
 def test_shipped_shapes_weights_reach_the_stated_base_accuracy():
-    # RESULTS.md, Shapes: per-category strict accuracy of the shipped weights on 128 held-out samples
-    # each. Here 16 per category at seed 0, pinned to this machine's counts within +-2 samples
+    # RESULTS.md, Shapes v2: on 128 held-out samples per category the shipped weights reach 0.48 / 0.016 /
+    # 0.016 / 0.00. Here 16 per category at seed 0, pinned to this machine's counts within +-2 samples
     # (another CPU's rounding can flip a sample or two)
     unet, encoder = shapes_model.load(
         os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_base.safetensors")
     )
     accuracy = shapes_model.evaluate(unet, encoder, per_category=16, steps=20)
-    expected = {}  # filled below once the shipped weights are chosen
+    expected = {"single object": 7, "counting": 1, "two objects": 0, "position": 0}  # measured here, seed 0
     for category, count in expected.items():
         assert abs(accuracy[category] * 16 - count) <= 2, (category, accuracy)
 
@@ -1742,20 +1743,23 @@ def _killed_at(iteration, monkeypatch):
 
 @pytest.mark.parametrize("model", ["tiny", "shapes"])
 def test_kill_and_resume_equals_an_uninterrupted_run_beyond_the_toy(model, tmp_path, monkeypatch, shapes_weights):
+    # tiny: killed in iteration 1 of 2, resumed; shapes: a first run of 1 iteration resumed to 2 (more iterations)
     extra = dict(shapes_weights=shapes_weights, num_steps=3, group_size=2, prompts_per_iteration=2,
                  eval_samples=4, eval_steps=3, reward="jpeg_compressibility") if model == "shapes" else {}  # fmt: skip
     make = lambda **k: (tiny_config if model == "tiny" else lambda **f: vgpo.Config(model="shapes", **f))(  # noqa: E731
         **{**extra, "checkpoint_every": 1, "ema": True, "ema_every": 1, **k}
     )
-    full = vgpo.train(make(iterations=3, output_dir=str(tmp_path / "full")))
-    original = _killed_at(1, monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        vgpo.train(make(iterations=2, output_dir=str(tmp_path / "cut")))  # dies in iteration 1
-    monkeypatch.setattr(vgpo, "train_iteration", original)
-    vgpo.train(make(iterations=2, resume=str(tmp_path / "cut")))  # resumes at 1, and to more than the first run
-    resumed = vgpo.train(make(iterations=3, resume=str(tmp_path / "cut")))
-    assert len(resumed) == len(full) == 3
-    assert "eval_reward" in resumed[1] and "eval_reward" not in full[1]  # the first run's last iteration
+    full = vgpo.train(make(iterations=2, output_dir=str(tmp_path / "full")))
+    if model == "tiny":
+        original = _killed_at(1, monkeypatch)
+        with pytest.raises(KeyboardInterrupt):
+            vgpo.train(make(iterations=2, output_dir=str(tmp_path / "cut")))  # dies in iteration 1
+        monkeypatch.setattr(vgpo, "train_iteration", original)
+    else:
+        vgpo.train(make(iterations=1, output_dir=str(tmp_path / "cut")))  # a whole run of 1 iteration
+    resumed = vgpo.train(make(iterations=2, resume=str(tmp_path / "cut")))
+    assert len(resumed) == len(full) == 2
+    assert ("eval_reward" in resumed[0]) == (model == "shapes") and "eval_reward" not in full[0]
     for a, b in zip(resumed, full, strict=True):
         for key in set(a) & set(b) - {"seconds"}:
             assert a[key] == pytest.approx(b[key], rel=1e-5, nan_ok=True), key
@@ -1872,7 +1876,9 @@ def test_distributed_edges_equal_one_process(tmp_path):
     import torch.multiprocessing as mp
 
     _distributed_update(0, 1, "", str(tmp_path))
-    mp.spawn(_distributed_update, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.start_processes(  # fork: the children inherit the imports (spawn would import this file twice more)
+        _distributed_update, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+    )
     one = torch.load(tmp_path / "1_0.pt", weights_only=False)
     for rank in (0, 1):
         two = torch.load(tmp_path / f"2_{rank}.pt", weights_only=False)

@@ -1,7 +1,9 @@
 """Tiny random-weight models built from configs, offline: the SD3 pipeline behind
 `vgpo.py --model tiny` and the CLIP models the reward tests run through their real code path.
 
-No file is downloaded: tokenizers are built in code from a character vocabulary.
+No file is downloaded: tokenizers are built in code from a character vocabulary. diffusers' and
+transformers' model classes are imported inside the builders: importing them costs ~7 s, which the
+toy and shapes paths (and `import vgpo`) should not pay.
 """
 
 from __future__ import annotations
@@ -10,25 +12,15 @@ import functools
 import string
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import (
-    CLIPConfig,
-    CLIPImageProcessor,
-    CLIPModel,
-    CLIPTextConfig,
-    CLIPTextModelWithProjection,
-    CLIPVisionConfig,
-    PreTrainedTokenizerFast,
-    T5Config,
-    T5EncoderModel,
-)
 
 VOCAB = ["<pad>", "<unk>", "<s>", "</s>"] + list(string.ascii_lowercase + string.digits + "\"'.,!?-")
 
 
 def tiny_tokenizer(max_length: int = 77):
     """A character-level fast tokenizer (<s> text </s>, lower-cased) as a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
     vocab = {token: i for i, token in enumerate(VOCAB)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
@@ -47,6 +39,8 @@ def tiny_tokenizer(max_length: int = 77):
 
 
 def _clip_text_config(**fields):
+    from transformers import CLIPTextConfig
+
     ids = dict(vocab_size=len(VOCAB), max_position_embeddings=77, pad_token_id=0, bos_token_id=2, eos_token_id=3)
     return CLIPTextConfig(**{**ids, **fields})
 
@@ -66,6 +60,8 @@ def _own_rng(build):
 def tiny_clip(image_size: int = 32, seed: int = 0):
     """A random CLIPModel (text + vision, projection 16) with a character tokenizer and a
     CLIPImageProcessor, for the reward tests. Returns (model, tokenizer, image_processor)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig
+
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
         hidden_size=16,
@@ -172,6 +168,14 @@ def sd3_pipeline_from_configs(spec: dict, resolution: int, seed: int = 0, device
     (TINY_SD3 or SD35_MEDIUM) in `dtype`; character tokenizers. The text encoders and the VAE are
     built directly on `device`, the transformer on the CPU, as a hub pipeline loads (the backend
     moves it once the prompts are encoded)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
     torch.manual_seed(seed)
     blocks = len(spec["vae"]["block_out_channels"])
     previous = torch.get_default_dtype()
