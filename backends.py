@@ -345,7 +345,6 @@ class SD3Backend:
             torch.cuda.empty_cache()
 
     def load_reward(self, spec: str, field: str = "reward"):
-
         return rewards.load_reward(spec, self.device, self.config.reward_threads)
 
     def sigmas(self, num_steps):

@@ -303,7 +303,6 @@ class StopSignal:
     iteration and stops. A second signal stops at once."""
 
     def __enter__(self):
-
         self.requested, self.previous = False, {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -311,7 +310,6 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame):
-
         if self.requested:
             signal.signal(signum, self.previous[signum])
             signal.raise_signal(signum)
@@ -319,7 +317,6 @@ class StopSignal:
         tqdm.write(f"signal {signum}: stopping after this iteration, with a checkpoint")
 
     def __exit__(self, *exc):
-
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
@@ -329,7 +326,6 @@ class RunFiles:
     iteration, flushed), sample grids, TensorBoard scalars and images, curves.png at the end."""
 
     def __init__(self, config):
-
         self.dir = config.output_dir
         os.makedirs(self.dir, exist_ok=True)
         self.metrics = os.path.join(self.dir, "metrics.jsonl")
@@ -347,14 +343,12 @@ class RunFiles:
             self.writer.flush()
 
     def samples(self, samples, tag: str, step: int, prompts=None, scores=None) -> None:
-
         save_samples(samples, os.path.join(self.dir, f"samples_{tag}.png"), prompts, scores)
         grid = image_grid(samples)
         if self.writer and grid is not None:
             self.writer.add_image("eval_samples", grid, step)
 
     def finish(self) -> None:
-
         plot_curves([self.dir], os.path.join(self.dir, "curves.png"))
         if self.writer:
             self.writer.close()

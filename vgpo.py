@@ -936,7 +936,6 @@ def validate_run(c: Config) -> None:
 
 
 def _field_help() -> dict:
-
     helps = {}
     for line in inspect.getsource(Config).splitlines():
         head, _, comment = line.partition("#")
