@@ -244,6 +244,7 @@ RESUMABLE_FIELDS = {
     "reward_workers",
     "reward_threads",
     "decode_batch",
+    "micro_batch",  # memory only: the same gradients, accumulated in other chunks
 }
 
 
