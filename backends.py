@@ -320,7 +320,7 @@ class SD3Backend:
         check_resolution(pipe, config.resolution)
         for part in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
             part.requires_grad_(False).eval().to(self.device, self.dtype)  # eval: no dropout anywhere
-        self.pipe, self.cache, self.negative = pipe, {}, None
+        self.pipe, self.cache = pipe, {}
         if config.prompt_file:  # evaluation uses the same file
             self.train_prompts = self.held_out = read_prompts(config.prompt_file)
         else:
@@ -339,7 +339,7 @@ class SD3Backend:
 
     def free_text_encoders(self):
         """Encode every training and evaluation prompt now, then free the text encoders' memory."""
-        self.encode(self.train_prompts + self.held_out, keep=False)
+        self.cache_prompts(self.train_prompts + self.held_out)
         self.pipe.text_encoder = self.pipe.text_encoder_2 = self.pipe.text_encoder_3 = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -371,21 +371,21 @@ class SD3Backend:
             rows += list(zip(embeds.cpu(), pooled.cpu(), strict=True))  # (L, E), (E',) each
         return rows
 
-    def encode(self, prompts, keep=True):
-        """Prompt embeddings of a batch on the device: embeds (B, L, E), pooled (B, E') and the empty
-        prompt's (classifier-free guidance), expanded. Each distinct prompt is encoded once and cached
-        on the CPU; one negative embedding for all. keep=False only fills the cache."""
-        new = [p for p in dict.fromkeys(prompts) if p not in self.cache]
-        if self.negative is None:
-            new = ["", *new] if "" not in new else new
+    def cache_prompts(self, prompts) -> None:
+        """Encode each prompt not yet cached (and the empty prompt, once) into the CPU cache."""
+        new = [p for p in dict.fromkeys(["", *prompts]) if p not in self.cache]
         for p, row in zip(new, self._encode_new(new) if new else [], strict=True):
             self.cache[p] = row
-        self.negative = self.cache[""] if self.negative is None else self.negative
-        if not keep:
-            return None
+
+    def encode(self, prompts):
+        """Prompt embeddings of a batch on the device: embeds (B, L, E), pooled (B, E') and the empty
+        prompt's (classifier-free guidance), expanded. Each distinct prompt is encoded once and cached
+        on the CPU; one negative embedding for all."""
+        self.cache_prompts(prompts)
+        negative = self.cache[""]
         embeds = torch.stack([self.cache[p][0] for p in prompts]).to(self.device)  # (B, L, E)
         pooled = torch.stack([self.cache[p][1] for p in prompts]).to(self.device)  # (B, E')
-        neg_embeds, neg_pooled = (t.to(self.device).expand(len(prompts), *t.shape) for t in self.negative)
+        neg_embeds, neg_pooled = (t.to(self.device).expand(len(prompts), *t.shape) for t in negative)
         return {"embeds": embeds, "pooled": pooled, "neg_embeds": neg_embeds, "neg_pooled": neg_pooled}
 
     def noise(self, batch, generator):

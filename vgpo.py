@@ -748,8 +748,6 @@ class Config:
     def __post_init__(self):
         if not self.reward:
             self.reward = "toy_mode" if self.model == "toy" else "ocr"
-        if self.resume and not self.output_dir:
-            self.output_dir = self.resume  # a resumed run keeps writing where it was
         if self.anchor_steps is None:
             self.anchor_steps = self.num_steps // 2
         validate_config(self)
