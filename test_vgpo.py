@@ -337,12 +337,19 @@ def test_clipscore_and_aesthetic_heads_have_the_documented_form(tiny_clip_dir):
     assert keys == {f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")}
 
 
-def test_hub_reward_offline_error_names_the_model_and_the_offline_rewards():
-    code = "import rewards; rewards.load_reward('pickscore')"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode != 0
-    assert "yuvalkirstain/PickScore_v1" in out.stderr and "jpeg_compressibility" in out.stderr
+def _offline(monkeypatch):
+    """HF_HUB_OFFLINE=1 in this process (the hub reads it at import: its constant is patched too)."""
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_hub_reward_offline_error_names_the_model_and_the_offline_rewards(monkeypatch):
+    _offline(monkeypatch)
+    with pytest.raises(RuntimeError) as err:
+        rewards.load_reward("pickscore")
+    assert "yuvalkirstain/PickScore_v1" in str(err.value) and "jpeg_compressibility" in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -504,17 +511,17 @@ def test_ocr_prompts_carry_their_target_word():
     assert not set(backends.OCR_WORDS) & set(backends.OCR_EVAL_WORDS)  # held-out words
 
 
-def test_unloadable_model_error_names_it_and_the_offline_options():
-    code = "import backends; backends.load_sd3_pipeline('no-such-org/no-such-model', 32, None)"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert "no-such-org/no-such-model" in out.stderr and "--model tiny" in out.stderr
+def test_unloadable_model_error_names_it_and_the_offline_options(monkeypatch):
+    _offline(monkeypatch)
+    with pytest.raises(RuntimeError) as err:
+        backends.load_sd3_pipeline("no-such-org/no-such-model", 32, None)
+    assert "no-such-org/no-such-model" in str(err.value) and "--model tiny" in str(err.value)
 
 
 # ---------------------------------------------------------------------------- reliability
 
 
-RUN = ["--iterations", "8", "--checkpoint_every", "3", "--toy_pretrain_steps", "300", "--eval_samples", "64", "--ema"]
+RUN = ["--iterations", "8", "--checkpoint_every", "3", "--toy_pretrain_steps", "200", "--eval_samples", "32", "--ema"]
 
 
 def _cli(args, kill_after=None, sig=signal.SIGKILL):
@@ -687,7 +694,8 @@ def test_two_gloo_ranks_give_the_history_of_one_process(tmp_path):
     args = ["--iterations", "3", "--toy_pretrain_steps", "300", "--eval_samples", "64"]
     args += ["--prompts_per_iteration", "4", "--group_size", "4"]  # two groups per rank
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    assert _cli([*args, "--output_dir", one]) == 0
+    fields = dict(iterations=3, toy_pretrain_steps=300, eval_samples=64, prompts_per_iteration=4, group_size=4)
+    vgpo.train(vgpo.Config(model="toy", output_dir=one, **fields))  # the same run in this one process
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "vgpo.py"]
     cwd = os.path.dirname(os.path.abspath(__file__))
     out = subprocess.run([*torchrun, *args, "--output_dir", two], capture_output=True, text=True, timeout=300, cwd=cwd)
@@ -1530,16 +1538,17 @@ def test_shapes_prompts_list_feeds_training_and_evaluation_and_names_a_bad_promp
 
 
 def test_shipped_shapes_weights_reach_the_stated_base_accuracy():
-    # RESULTS.md, Shapes v2: on 128 held-out samples per category the shipped weights reach 0.48 / 0.016 /
-    # 0.016 / 0.00. Here 16 per category at seed 0, pinned to this machine's counts within +-2 samples
-    # (another CPU's rounding can flip a sample or two)
+    # RESULTS.md, Shapes v2: on 128 held-out samples per category the shipped weights reach 0.84 / 0.12 /
+    # 0.12 / 0.04. Here 8 per category at seed 0, pinned to this machine's counts within +-2 samples
+    # (another CPU's rounding can flip a sample or two); the weights shipped before (900 steps) drew 3 of 8
+    # single objects here
     unet, encoder = shapes_model.load(
         os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_base.safetensors")
     )
-    accuracy = shapes_model.evaluate(unet, encoder, per_category=16, steps=20)
-    expected = {"single object": 7, "counting": 1, "two objects": 0, "position": 0}  # measured here, seed 0
+    accuracy = shapes_model.evaluate(unet, encoder, per_category=8, steps=20)
+    expected = {"single object": 7, "counting": 1, "two objects": 0, "position": 2}  # measured here, seed 0
     for category, count in expected.items():
-        assert abs(accuracy[category] * 16 - count) <= 2, (category, accuracy)
+        assert abs(accuracy[category] * 8 - count) <= 2, (category, accuracy)
 
 
 def test_eval_reward_scores_evaluations_and_not_training():
