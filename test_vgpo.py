@@ -691,10 +691,9 @@ def test_values_and_advantages_match_float64_for_extreme_rewards(scale, num_step
 
 
 def test_two_gloo_ranks_give_the_history_of_one_process(tmp_path):
-    args = ["--iterations", "3", "--toy_pretrain_steps", "300", "--eval_samples", "64"]
-    args += ["--prompts_per_iteration", "4", "--group_size", "4"]  # two groups per rank
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
     fields = dict(iterations=3, toy_pretrain_steps=300, eval_samples=64, prompts_per_iteration=4, group_size=4)
+    args = [word for k, v in fields.items() for word in (f"--{k}", str(v))]  # two groups per rank
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
     vgpo.train(vgpo.Config(model="toy", output_dir=one, **fields))  # the same run in this one process
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "vgpo.py"]
     cwd = os.path.dirname(os.path.abspath(__file__))
