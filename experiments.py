@@ -11,6 +11,7 @@
     python experiments.py shapes        # GRPO vs each part of VGPO on the shapes benchmark, resumable
     python experiments.py shapes_report # its table and figure from the finished runs
     python experiments.py shapes_grids  # base, GRPO and VGPO samples on the same prompts and noise
+    python experiments.py shapes_failures # why the strict reward fails, before and after training
     python experiments.py premise       # does the one-step projection predict the final reward?
     python experiments.py gradients     # do the groups' policy gradients share a direction?
 
@@ -271,7 +272,7 @@ def shapes_categories(prompts) -> list:
 
 
 def shapes_run_name(reward: str, method: str, seed: int, overrides: dict) -> str:
-    extra = "".join(f"_{k}{v}" for k, v in sorted(overrides.items()) if k in ("kappa", "gamma"))
+    extra = "".join(f"_{k}{v}" for k, v in sorted(overrides.items()) if k in ("kappa", "gamma", "value_steps"))
     return f"{reward}_{method.replace(' ', '_')}{extra}_s{seed}"
 
 
@@ -323,6 +324,8 @@ def shapes_jobs(args) -> list:
     base = {"iterations": args.iterations} if args.iterations else {}
     if args.shapes_prompts != "grammar":
         base["shapes_prompts"] = args.shapes_prompts
+    if args.value_steps != 1:
+        base["value_steps"] = args.value_steps
     rewards_ = args.rewards.split(",")
     bad = [r for r in rewards_ if r not in SHAPES_REWARDS]
     if bad:
@@ -376,8 +379,8 @@ def shapes_report(args) -> None:
         "|---" * 11 + "|",
     ]
     for reward in dict.fromkeys(r["reward"] for r in runs):
-        for method in METHODS:
-            rs = [r for r in runs if r["reward"] == reward and r["method"] == method]
+        for method in run_labels(runs):
+            rs = [r for r in runs if r["reward"] == reward and run_label(r) == method]
             if not rs:
                 continue
             reached = [next((i for i, e in r["evals"] if e >= r["eval_before"] + 0.1), None) for r in rs]
@@ -410,6 +413,17 @@ def shapes_report(args) -> None:
         shapes_sweep_report(all_runs, args.out)
 
 
+def run_label(run: dict) -> str:
+    """A run's row in the reports: its method, and the value estimate where it is not the paper's."""
+    n = run.get("value_steps", 1)
+    return run["method"] + (f" (value_steps {n})" if n != 1 else "")
+
+
+def run_labels(runs: list) -> list:
+    """The rows of the reports in METHODS order, each method's value_steps variants after it."""
+    return sorted({run_label(r) for r in runs}, key=lambda label: (list(METHODS).index(label.split(" (")[0]), label))
+
+
 def is_sweep(run: dict) -> bool:
     """A run of shapes --sweep (its record names the kappa or gamma it changed)."""
     return "kappa" in run or "gamma" in run
@@ -420,7 +434,7 @@ def shapes_sweep_report(all_runs: list, out: str) -> None:
     default = vgpo.Config()
     settings = {(default.kappa, default.gamma): []}  # the default first, then the sweep's in file order
     for r in all_runs:
-        if r["reward"] == "strict" and r["method"] == "VGPO" and r["seed"] < 3:
+        if r["reward"] == "strict" and run_label(r) == "VGPO" and r["seed"] < 3:
             settings.setdefault((r.get("kappa", default.kappa), r.get("gamma", default.gamma)), []).append(r)
     rows = ["| kappa | gamma | seeds | strict acc. ODE | per seed | zero_std_ratio last 10 it. |", "|---" * 6 + "|"]
     for (kappa, gamma), rs in settings.items():
@@ -446,8 +460,8 @@ def shapes_figure(runs: list, path: str, where: str = "held-out") -> None:
     rewards_ = list(dict.fromkeys(r["reward"] for r in runs))
     fig, axes = plt.subplots(len(rewards_), 2, figsize=(11, 3.6 * len(rewards_)), squeeze=False)
     for row, reward in zip(axes, rewards_, strict=True):
-        for method in METHODS:
-            rs = [r for r in runs if r["reward"] == reward and r["method"] == method]
+        for method in run_labels(runs):
+            rs = [r for r in runs if r["reward"] == reward and run_label(r) == method]
             if not rs:
                 continue
             xs = [0] + [i for i, _ in rs[0]["evals"]]
@@ -485,6 +499,84 @@ def shapes_grids(args) -> None:
         scores, samples = vgpo.evaluate(backend, strict, prompts, config.eval_steps, vgpo.make_generator(0, 2))
         runs.save_samples(samples, os.path.join(args.out, f"shapes_grid_{name}.png"), prompts, scores, limit=12)
         print(f"{name}: {scores.mean().item():.3f} on these 12 prompts")
+
+
+FAILURES = {
+    "pass": "passes",
+    "merged": "a component no form fits (IoU < 0.7, or a box 1.3x as long as wide): shapes that touch, or a blob",
+    "rough": "a shape just under the overlap threshold (IoU 0.7-0.8): ragged edges",
+    "small": "a shape under the size floor (box under 85 % of the smallest shape)",
+    "count": "every component named, but a count, shape or colour wrong",
+}
+
+
+def shapes_failure(arr, prompt: str) -> str:
+    """Why the strict reward (rewards.geneval_shapes) fails one image (H, W, 3) uint8: a key of
+    FAILURES, the first that applies in its order; "pass" when it passes."""
+    comps = rewards.components(arr)
+    objects = [(c, shape, (x + w / 2, y + h / 2)) for c, (x, y, w, h), _, shape in comps if shape != "other"]
+    others = [(box, crop) for _, box, crop, shape in comps if shape == "other"]
+    if not others and all(rewards.shapes_requirements(shapes.parse_prompt(prompt)[1], objects, arr.shape[0])):
+        return "pass"
+    min_box = 0.85 * shapes.SIDE_RANGE[0] * arr.shape[0]
+    named = [
+        (max(w, h) >= min_box, max(w, h) > 1.3 * min(w, h), rewards.best_form(crop)[1]) for (_, _, w, h), crop in others
+    ]
+    if any(big and (long or iou < 0.7) for big, long, iou in named):
+        return "merged"
+    if any(big for big, _, _ in named):
+        return "rough"
+    return "small" if named else "count"
+
+
+def shapes_failures(args) -> None:
+    """Why the strict reward fails, before and after training: for each seed of the shapes runs in
+    --out, the base model and each method's final LoRA on that seed's evaluation prompts and noise (the
+    runs' own final evaluation, re-sampled), each image put in one FAILURES class. Resumable:
+    shapes_failures.json; table shapes_failures.md."""
+    path = os.path.join(args.out, "shapes_failures.json")
+    done = json.load(open(path)) if os.path.exists(path) else {}
+    finished = [r for r in load_shapes_runs(args.out) if not is_sweep(r) and r["reward"] == "strict"]
+    if not finished:
+        raise SystemExit(f"no finished strict runs in {args.out}/shapes_runs: run `python experiments.py shapes`")
+    strict = rewards.load_reward("geneval_shapes")
+    jobs = [(r["seed"], "base", None, r["eval_before"]) for r in finished]
+    jobs += [
+        (r["seed"], run_label(r), shapes_run_name("strict", r["method"], r["seed"], r), r["final"]["ode"])
+        for r in finished
+    ]
+    jobs = list({(seed, label): (seed, label, name, recorded) for seed, label, name, recorded in jobs}.values())
+    for seed, label, name, recorded in tqdm(jobs, desc="failures"):
+        key = f"{label} s{seed}"
+        if key in done:
+            continue
+        config = vgpo.Config(**{**SHAPES_BENCH, "shapes_prompts": finished[0]["shapes_prompts"]}, seed=seed)
+        backend = vgpo.build_backend(config)
+        if name:
+            load_lora(backend, os.path.join(args.out, "shapes_runs", name + ".lora.safetensors"))
+        prompts = backend.eval_prompts(config.eval_samples)
+        chunk = config.prompts_per_iteration * config.group_size  # as the run's evaluation
+        gen = vgpo.make_generator(seed, 2)
+        scores, samples = vgpo.evaluate(backend, strict, prompts, config.eval_steps, gen, chunk)
+        classes = [shapes_failure(arr, p) for arr, p in zip(rewards.to_uint8(samples), prompts, strict=True)]
+        done[key] = dict(counts={k: classes.count(k) for k in FAILURES}, strict=scores.mean().item(), recorded=recorded)
+        with open(path + ".tmp", "w") as f:
+            json.dump(done, f, indent=1)
+        os.replace(path + ".tmp", path)
+    rows = ["| policy | seed | strict (recorded) | " + " | ".join(FAILURES) + " |", "|---" * (3 + len(FAILURES)) + "|"]
+    for key, d in sorted(done.items(), key=lambda kv: (kv[0].rsplit(" s", 1)[0] != "base", kv[0])):
+        label, seed = key.rsplit(" s", 1)
+        cells = [f"{d['strict']:.3f} ({d['recorded']:.3f})"] + [str(d["counts"][k]) for k in FAILURES]
+        rows.append(f"| {label} | {seed} | " + " | ".join(cells) + " |")
+    legend = "\n".join(f"- {k}: {v}" for k, v in FAILURES.items())
+    text = (
+        f"`python experiments.py shapes_failures --out {args.out}`: the images of each policy on its seed's "
+        "evaluation prompts and noise (the run's final evaluation, sampled again; in brackets the accuracy "
+        f"the run recorded), each counted in the first class that applies:\n\n{legend}\n\n" + "\n".join(rows) + "\n"
+    )
+    with open(os.path.join(args.out, "shapes_failures.md"), "w") as f:
+        f.write(text)
+    print(text)
 
 
 def shapes_base_rates(args) -> None:
@@ -1080,6 +1172,7 @@ def main(argv=None):
             "shapes_report",
             "shapes_grids",
             "shapes_base_rates",
+            "shapes_failures",
             "premise",
             "gradients",
         ],
@@ -1104,6 +1197,7 @@ def main(argv=None):
     parser.add_argument("--memory_cap_gib", type=float, default=0, help="gpu_check: act as a card of this size")
     parser.add_argument("--rewards", default="strict,partial", help="shapes: the rewards trained on (strict, partial)")
     parser.add_argument("--sweep", action="store_true", help="shapes: also kappa 0.5, 2 and gamma 0.5, 0.99 (VGPO)")
+    parser.add_argument("--value_steps", type=int, default=1, help="shapes: Config.value_steps of every run")
     parser.add_argument("--threads", type=int, default=2, help="premise, gradients: torch threads")
     parser.add_argument("--premise_groups", type=int, default=16, help="premise, gradients: prompts (groups of G)")
     parser.add_argument("--per_prompt", type=int, default=32, help="shapes_base_rates: samples per prompt")
@@ -1125,6 +1219,7 @@ def main(argv=None):
         shapes_report=shapes_report,
         shapes_grids=shapes_grids,
         shapes_base_rates=shapes_base_rates,
+        shapes_failures=shapes_failures,
         premise=premise,
         gradients=gradients,
     )

@@ -331,21 +331,29 @@ def recognise_shape(crop, min_iou: float = 0.8, max_aspect: float = 1.3) -> str:
     h, w = crop.shape
     if max(h, w) > max_aspect * min(h, w):
         return "other"
-    overlaps = {name: (crop & form).sum() / max((crop | form).sum(), 1) for name, form in ideal_forms(h, w).items()}
+    best, overlap = best_form(crop)
+    return best if overlap >= min_iou else "other"
+
+
+def best_form(crop) -> tuple[str, float]:
+    """The ideal form (`ideal_forms`) that overlaps a box crop (h, w) bool best, and that intersection
+    over union."""
+    overlaps = {
+        name: (crop & form).sum() / max((crop | form).sum(), 1) for name, form in ideal_forms(*crop.shape).items()
+    }
     best = max(overlaps, key=overlaps.get)
-    return best if overlaps[best] >= min_iou else "other"
+    return best, float(overlaps[best])
 
 
-def find_objects(arr, min_side: float = shapes.SIDE_RANGE[0]) -> tuple[list, int]:
-    """Solid objects of the four colours in one image (H, W, 3) uint8: ([(colour, shape, box centre
-    (x, y))], number of unrecognised components). Components are 8-connected per colour (OpenCV).
-    A component with fewer pixels than 15 % of a square of `min_side` of the image side (the
-    benchmark's smallest shape is 25 %: its triangle has 50 % of that square) is a speck and
-    ignored. Above that, a component is an object only when `recognise_shape` names it and its box's
-    longer side is at least 85 % of `min_side`; otherwise it is unrecognised (clutter)."""
+def components(arr, min_side: float = shapes.SIDE_RANGE[0]) -> list:
+    """The coloured components of one image (H, W, 3) uint8 above a speck: [(colour, (left, top, w,
+    h), crop (h, w) bool, shape)], 8-connected per colour (OpenCV). A component with fewer pixels
+    than 15 % of a square of `min_side` of the image side (the benchmark's smallest shape is 25 %: its
+    triangle has 50 % of that square) is a speck and left out. shape: `recognise_shape`'s name when
+    the box's longer side is at least 85 % of `min_side`, else "other"."""
     side = min_side * arr.shape[0]
     min_area, min_box = 0.15 * side**2, 0.85 * side
-    found, unrecognised = [], 0
+    found = []
     for color, mask in color_masks(arr).items():
         count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
         for i in range(1, count):
@@ -354,10 +362,20 @@ def find_objects(arr, min_side: float = shapes.SIDE_RANGE[0]) -> tuple[list, int
                 continue
             crop = labels[top : top + h, left : left + w] == i
             shape = recognise_shape(crop) if max(h, w) >= min_box else "other"
-            if shape == "other":
-                unrecognised += 1
-            else:
-                found.append((color, shape, (left + w / 2, top + h / 2)))  # box centre, as GenEval's boxes
+            found.append((color, (left, top, w, h), crop, shape))
+    return found
+
+
+def find_objects(arr, min_side: float = shapes.SIDE_RANGE[0]) -> tuple[list, int]:
+    """Solid objects of the four colours in one image (H, W, 3) uint8: ([(colour, shape, box centre
+    (x, y))], number of unrecognised components). Of the `components` above a speck, one is an
+    object when it has a shape's name; otherwise it is unrecognised (clutter)."""
+    found, unrecognised = [], 0
+    for color, (left, top, w, h), _, shape in components(arr, min_side):
+        if shape == "other":
+            unrecognised += 1
+        else:
+            found.append((color, shape, (left + w / 2, top + h / 2)))  # box centre, as GenEval's boxes
     return found, unrecognised
 
 

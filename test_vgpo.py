@@ -1313,6 +1313,34 @@ def test_geneval_shapes_gives_zero_to_images_built_to_fool_it(size):
     assert rewards.load_reward("geneval_shapes_partial")(images, prompts).sum() == 0  # nothing recognised
 
 
+def test_shapes_failure_names_why_the_strict_reward_fails_and_agrees_with_it_on_pass():
+    def scene(*shapes_):  # (shape, cx, cy, side) in red on black, 32 px
+        image = np.zeros((32, 32, 3), np.uint8)
+        for shape, cx, cy, side in shapes_:
+            shapes.draw_shape(image, shape, cx, cy, side, shapes.COLORS["red"])
+        return image
+
+    two = "a photo of two red circles"
+    notched = scene(("square", 16, 16, 12))
+    notched[10:16, 10:16] = 0  # a 6 x 6 corner off a 12 x 12 square: IoU 108 / 144 = 0.75 with its box
+    cases = [
+        (scene(("circle", 8, 8, 12), ("circle", 24, 24, 12)), two, "pass"),
+        (scene(("circle", 10, 16, 12), ("circle", 21, 16, 12)), two, "merged"),  # touching: one 23 x 12 box
+        (notched, "a photo of a red square", "rough"),
+        (scene(("circle", 16, 16, 6)), "a photo of a red circle", "small"),  # box 6 < 0.85 x 8, area above a speck
+        (scene(("circle", 8, 8, 12), ("circle", 24, 24, 12), ("circle", 8, 24, 12)), two, "count"),
+    ]
+    assert [experiments.shapes_failure(image, prompt) for image, prompt, _ in cases] == [c for *_, c in cases]
+    # "pass" exactly where the reward passes: honest renders (nearly all pass) and images built to fool it
+    rng = np.random.default_rng(2)
+    scenes = [shapes.random_scene(shapes.CATEGORIES[i % 4], rng) for i in range(100)]
+    items = [(shapes.render(s, shapes.SIZE, rng), shapes.prompt_of(s)) for s in scenes]
+    items += [(image, prompt) for _, image, prompt in shapes.fooling_images(shapes.SIZE, rng, per_family=4)]
+    strict = rewards.load_reward("geneval_shapes")(_as_batch([i for i, _ in items]), [p for _, p in items])
+    classes = [experiments.shapes_failure(image, prompt) for image, prompt in items]
+    assert [c == "pass" for c in classes] == (strict == 1).tolist() and set(classes) <= set(experiments.FAILURES)
+
+
 def test_recognise_shape_names_the_ideal_forms_and_nothing_else():
     for side in (8, 12, 20):
         forms = rewards.ideal_forms(side, side)
@@ -1377,20 +1405,25 @@ def test_shapes_jobs_filter_rewards_and_the_sweep_table_reads_the_runs(tmp_path)
     from argparse import Namespace
 
     args = Namespace(methods="GRPO,VGPO", iterations=2, shapes_prompts="grammar", rewards="strict", seeds=4,
-                     sweep=True, out=str(tmp_path), workers=1)  # fmt: skip
+                     sweep=True, out=str(tmp_path), workers=1, value_steps=1)  # fmt: skip
     jobs = experiments.shapes_jobs(args)
     assert {j[0] for j in jobs} == {"strict"} and len(jobs) == 2 * 4 + 12  # seeds 0-3, then 12 sweep runs
     assert jobs[-1][1:4] == ("VGPO", 2, {"iterations": 2, "gamma": 0.99})
+    n3 = experiments.shapes_jobs(Namespace(**{**vars(args), "methods": "VGPO", "value_steps": 3, "sweep": False}))
+    assert [j[2:4] for j in n3] == [(s, {"iterations": 2, "value_steps": 3}) for s in range(4)]
+    assert experiments.shapes_run_name(*n3[0][:4]) == "strict_VGPO_value_steps3_s0"  # beside the n = 1 run
     with pytest.raises(SystemExit, match="strictest"):
         experiments.shapes_jobs(Namespace(**{**vars(args), "rewards": "strictest"}))
     os.makedirs(tmp_path / "shapes_runs")
     records = [_shapes_record("GRPO", 0, 0.0)] + [_shapes_record("VGPO", s, v) for s, v in enumerate((0.1, 0.2, 0.3))]
     records += [_shapes_record("VGPO", s, v, kappa=2.0) for s, v in enumerate((0.4, 0.5, 0.6))]
+    records += [_shapes_record("VGPO", s, v, value_steps=3) for s, v in enumerate((0.7, 0.9))]
     for i, r in enumerate(records):
         (tmp_path / "shapes_runs" / f"{i}.json").write_text(json.dumps(r))
     experiments.shapes_report(args)
     methods = (tmp_path / "shapes_methods.md").read_text()
     assert "| strict | VGPO | 3 | 0.200 ± 0.082 | 0.100, 0.200, 0.300 |" in methods and "kappa" not in methods
+    assert "| strict | VGPO (value_steps 3) | 2 | 0.800 ± 0.100 | 0.700, 0.900 |" in methods  # its own row
     sweep = (tmp_path / "shapes_sweep.md").read_text()
     assert "| 1.0 | 0.9 | 3 | 0.200 ± 0.082 | 0.100, 0.200, 0.300 | 0.600 ± 0.000 |" in sweep
     assert "| 2.0 | 0.9 | 3 | 0.500 ± 0.082 | 0.400, 0.500, 0.600 |" in sweep
