@@ -375,7 +375,7 @@ def shapes_report(args) -> None:
     rows = [
         f"| reward | method | seeds | strict acc. ODE ({where}) | per seed | SDE 10 "
         "| iters to eval +0.1 over base | zero_std_ratio first / last 10 it. "
-        "| adv_rel_abs / adv_anchor_abs | KL to ref | s / iter |",
+        "| adv_rel_abs / adv_anchor_abs | KL to ref | s / iter (median) |",
         "|---" * 11 + "|",
     ]
     for reward in dict.fromkeys(r["reward"] for r in runs):
@@ -396,7 +396,7 @@ def shapes_report(args) -> None:
                 f"{statistics.mean(h['adv_rel_abs'] for h in hist):.2f} / "
                 f"{statistics.mean(h['adv_anchor_abs'] for h in hist):.2f}",
                 f"{statistics.mean(last_finite(r['history'], 'kl_ref') for r in rs):.1e}",
-                f"{statistics.mean(h['seconds'] for h in hist):.1f}",
+                f"{statistics.median(h['seconds'] for h in hist):.1f}",
             ]
             rows.append(f"| {reward} | {method} | " + " | ".join(cells) + " |")
     before = mean_std(r["eval_before"] for r in runs)
@@ -556,9 +556,14 @@ def shapes_failures(args) -> None:
             load_lora(backend, os.path.join(args.out, "shapes_runs", name + ".lora.safetensors"))
         prompts = backend.eval_prompts(config.eval_samples)
         chunk = config.prompts_per_iteration * config.group_size  # as the run's evaluation
+        classes = []
+
+        def classified(images, batch_prompts, classes=classes):  # evaluate() keeps the first chunk's images alone
+            classes.extend(map(shapes_failure, rewards.to_uint8(images), batch_prompts))
+            return strict(images, batch_prompts)
+
         gen = vgpo.make_generator(seed, 2)
-        scores, samples = vgpo.evaluate(backend, strict, prompts, config.eval_steps, gen, chunk)
-        classes = [shapes_failure(arr, p) for arr, p in zip(rewards.to_uint8(samples), prompts, strict=True)]
+        scores, _ = vgpo.evaluate(backend, classified, prompts, config.eval_steps, gen, chunk)
         done[key] = dict(counts={k: classes.count(k) for k in FAILURES}, strict=scores.mean().item(), recorded=recorded)
         with open(path + ".tmp", "w") as f:
             json.dump(done, f, indent=1)
