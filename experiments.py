@@ -564,10 +564,21 @@ def shapes_failures(args) -> None:
 
         gen = vgpo.make_generator(seed, 2)
         scores, _ = vgpo.evaluate(backend, classified, prompts, config.eval_steps, gen, chunk)
-        done[key] = dict(counts={k: classes.count(k) for k in FAILURES}, strict=scores.mean().item(), recorded=recorded)
+        by_prompt = {q: [c for c, p in zip(classes, prompts, strict=True) if p == q] for q in dict.fromkeys(prompts)}
+        done[key] = dict(
+            counts={k: classes.count(k) for k in FAILURES},
+            by_prompt={q: {k: cs.count(k) for k in FAILURES} for q, cs in by_prompt.items()},
+            strict=scores.mean().item(),
+            recorded=recorded,
+        )
         with open(path + ".tmp", "w") as f:
             json.dump(done, f, indent=1)
         os.replace(path + ".tmp", path)
+    shapes_failures_report(done, args.out)
+
+
+def shapes_failures_report(done: dict, out: str) -> None:
+    """shapes_failures.md from shapes_failures.json's records ({"POLICY sSEED": record})."""
     rows = ["| policy | seed | strict (recorded) | " + " | ".join(FAILURES) + " |", "|---" * (3 + len(FAILURES)) + "|"]
     for key, d in sorted(done.items(), key=lambda kv: (kv[0].rsplit(" s", 1)[0] != "base", kv[0])):
         label, seed = key.rsplit(" s", 1)
@@ -575,11 +586,22 @@ def shapes_failures(args) -> None:
         rows.append(f"| {label} | {seed} | " + " | ".join(cells) + " |")
     legend = "\n".join(f"- {k}: {v}" for k, v in FAILURES.items())
     text = (
-        f"`python experiments.py shapes_failures --out {args.out}`: the images of each policy on its seed's "
+        f"`python experiments.py shapes_failures --out {out}`: the images of each policy on its seed's "
         "evaluation prompts and noise (the run's final evaluation, sampled again; in brackets the accuracy "
         f"the run recorded), each counted in the first class that applies:\n\n{legend}\n\n" + "\n".join(rows) + "\n"
     )
-    with open(os.path.join(args.out, "shapes_failures.md"), "w") as f:
+    by_policy = {}  # policy -> prompt -> [passes, images], summed over seeds
+    for key, d in done.items():
+        for prompt, counts in d.get("by_prompt", {}).items():
+            total = by_policy.setdefault(key.rsplit(" s", 1)[0], {}).setdefault(prompt, [0, 0])
+            total[0], total[1] = total[0] + counts["pass"], total[1] + sum(counts.values())
+    if by_policy:
+        prompts = list(dict.fromkeys(q for per_prompt in by_policy.values() for q in per_prompt))
+        text += "\nPasses / images per prompt, over all seeds:\n\n| policy | " + " | ".join(prompts) + " |\n"
+        text += "|---" * (1 + len(prompts)) + "|\n"
+        for label, per_prompt in by_policy.items():
+            text += f"| {label} | " + " | ".join("{} / {}".format(*per_prompt.get(q, [0, 0])) for q in prompts) + " |\n"
+    with open(os.path.join(out, "shapes_failures.md"), "w") as f:
         f.write(text)
     print(text)
 

@@ -1341,6 +1341,24 @@ def test_shapes_failure_names_why_the_strict_reward_fails_and_agrees_with_it_on_
     assert [c == "pass" for c in classes] == (strict == 1).tolist() and set(classes) <= set(experiments.FAILURES)
 
 
+def test_shapes_failures_report_sums_classes_per_seed_and_passes_per_prompt(tmp_path):
+    def record(strict, **by_prompt):  # by_prompt: prompt -> {class: images}
+        counts = {k: sum(c.get(k, 0) for c in by_prompt.values()) for k in experiments.FAILURES}
+        by = {q: {k: c.get(k, 0) for k in experiments.FAILURES} for q, c in by_prompt.items()}
+        return dict(counts=counts, by_prompt=by, strict=strict, recorded=strict)
+
+    done = {
+        "VGPO s0": record(0.75, a={"pass": 3}, b={"small": 1}),
+        "base s0": record(0.6, a={"pass": 2, "merged": 1}, b={"pass": 1, "small": 1}),
+        "base s1": record(0.5, a={"pass": 1}, b={"merged": 1}),
+    }
+    experiments.shapes_failures_report(done, str(tmp_path))
+    text = (tmp_path / "shapes_failures.md").read_text()
+    assert "| base | 0 | 0.600 (0.600) | 3 | 1 | 0 | 1 | 0 |" in text  # pass merged rough small count
+    assert text.index("| base | 1 |") < text.index("| VGPO | 0 |")  # the base model first
+    assert "| base | 3 / 4 | 1 / 3 |" in text and "| VGPO | 3 / 3 | 0 / 1 |" in text  # summed over seeds
+
+
 def test_recognise_shape_names_the_ideal_forms_and_nothing_else():
     for side in (8, 12, 20):
         forms = rewards.ideal_forms(side, side)
