@@ -506,7 +506,7 @@ FAILURES = {
     "merged": "a component no form fits (IoU < 0.7, or a box 1.3x as long as wide): shapes that touch, or a blob",
     "rough": "a shape just under the overlap threshold (IoU 0.7-0.8): ragged edges",
     "small": "a shape under the size floor (box under 85 % of the smallest shape)",
-    "count": "every component named, but a count, shape or colour wrong",
+    "count": "no unrecognised component, but a count, shape or colour wrong, or nothing drawn at all",
 }
 
 
