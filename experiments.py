@@ -421,7 +421,8 @@ def run_label(run: dict) -> str:
 
 def run_labels(runs: list) -> list:
     """The rows of the reports in METHODS order, each method's value_steps variants after it."""
-    return sorted({run_label(r) for r in runs}, key=lambda label: (list(METHODS).index(label.split(" (")[0]), label))
+    rows = {(list(METHODS).index(r["method"]), r.get("value_steps", 1)): run_label(r) for r in runs}
+    return [rows[key] for key in sorted(rows)]
 
 
 def is_sweep(run: dict) -> bool:
@@ -514,13 +515,14 @@ def shapes_failure(arr, prompt: str) -> str:
     """Why the strict reward (rewards.geneval_shapes) fails one image (H, W, 3) uint8: a key of
     FAILURES, the first that applies in its order; "pass" when it passes."""
     comps = rewards.components(arr)
-    objects = [(c, shape, (x + w / 2, y + h / 2)) for c, (x, y, w, h), _, shape in comps if shape != "other"]
+    objects = rewards.named_objects(comps)
     others = [(box, crop) for _, box, crop, shape in comps if shape == "other"]
     if not others and all(rewards.shapes_requirements(shapes.parse_prompt(prompt)[1], objects, arr.shape[0])):
         return "pass"
-    min_box = 0.85 * shapes.SIDE_RANGE[0] * arr.shape[0]
+    min_box = rewards.MIN_BOX * shapes.SIDE_RANGE[0] * arr.shape[0]
     named = [
-        (max(w, h) >= min_box, max(w, h) > 1.3 * min(w, h), rewards.best_form(crop)[1]) for (_, _, w, h), crop in others
+        (max(w, h) >= min_box, max(w, h) > rewards.MAX_ASPECT * min(w, h), rewards.best_form(crop)[1])
+        for (_, _, w, h), crop in others
     ]
     if any(big and (long or iou < 0.7) for big, long, iou in named):
         return "merged"

@@ -320,7 +320,11 @@ def ideal_forms(h: int, w: int) -> dict:
     }
 
 
-def recognise_shape(crop, min_iou: float = 0.8, max_aspect: float = 1.3) -> str:
+MAX_ASPECT = 1.3  # a shape's box is at most this times as long as wide (the grammar's are square)
+MIN_BOX = 0.85  # an object's box side, as a fraction of the smallest shape's side
+
+
+def recognise_shape(crop, min_iou: float = 0.8, max_aspect: float = MAX_ASPECT) -> str:
     """circle | square | triangle | other, for one component's box crop (h, w) bool: the ideal form
     (`ideal_forms`) with the highest overlap (intersection over union) names it, when that overlap is
     at least `min_iou` and the box is at most `max_aspect` times as long as wide (the grammar's
@@ -352,7 +356,7 @@ def components(arr, min_side: float = shapes.SIDE_RANGE[0]) -> list:
     triangle has 50 % of that square) is a speck and left out. shape: `recognise_shape`'s name when
     the box's longer side is at least 85 % of `min_side`, else "other"."""
     side = min_side * arr.shape[0]
-    min_area, min_box = 0.15 * side**2, 0.85 * side
+    min_area, min_box = 0.15 * side**2, MIN_BOX * side
     found = []
     for color, mask in color_masks(arr).items():
         count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
@@ -370,13 +374,16 @@ def find_objects(arr, min_side: float = shapes.SIDE_RANGE[0]) -> tuple[list, int
     """Solid objects of the four colours in one image (H, W, 3) uint8: ([(colour, shape, box centre
     (x, y))], number of unrecognised components). Of the `components` above a speck, one is an
     object when it has a shape's name; otherwise it is unrecognised (clutter)."""
-    found, unrecognised = [], 0
-    for color, (left, top, w, h), _, shape in components(arr, min_side):
-        if shape == "other":
-            unrecognised += 1
-        else:
-            found.append((color, shape, (left + w / 2, top + h / 2)))  # box centre, as GenEval's boxes
-    return found, unrecognised
+    comps = components(arr, min_side)
+    return named_objects(comps), sum(shape == "other" for *_, shape in comps)
+
+
+def named_objects(comps: list) -> list:
+    """The `components` that have a shape's name, as (colour, shape, box centre (x, y))."""
+    # box centre, as GenEval's boxes
+    return [
+        (color, shape, (left + w / 2, top + h / 2)) for color, (left, top, w, h), _, shape in comps if shape != "other"
+    ]
 
 
 def shapes_requirements(scene, objects, size: int) -> list[bool]:
