@@ -24,7 +24,7 @@ import shapes_model
 import tiny
 import vgpo
 
-# ---------------------------------------------------------------------------- closed forms
+# --- Eq. 7: the SDE step and its log-probability (sampler)
 
 
 def _eq7_mean_by_hand(v, x, s, s_next, a):
@@ -62,6 +62,17 @@ def test_zero_noise_is_the_euler_step():
     assert torch.isfinite(log_prob).all()
 
 
+def test_ode_step_draws_no_noise_and_no_density():
+    x, v = torch.randn(4, 3), torch.randn(4, 3)
+    state = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x_next, log_prob, _, _ = vgpo.sde_step_with_logprob(v, x, 0.6, 0.4, 0.0)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is untouched
+    torch.testing.assert_close(x_next, x + v * (0.4 - 0.6))
+    assert torch.equal(log_prob, torch.zeros(4))
+
+
 @pytest.mark.parametrize("noise_level", [0.0, 0.7])
 def test_sampler_preserves_gaussian_marginals(noise_level):
     """Data N(0, sd^2): the exact velocity is linear, E[x1 - x0 | x_s] = x (s - (1-s) sd^2) / var_s.
@@ -77,91 +88,43 @@ def test_sampler_preserves_gaussian_marginals(noise_level):
     assert abs(x.std().item() - sd) < 0.01 and abs(x.mean().item()) < 0.01
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0, 10.0])
+@pytest.mark.parametrize("num_steps", [1, 2, 10, 50])
+@pytest.mark.parametrize("noise_level", [0.0, 0.1, 0.7, 1.5])
+def test_sampler_and_loss_match_float64_over_schedules_and_noise(shift, num_steps, noise_level):
+    sigmas = backends.sigma_schedule(num_steps, shift)
+    assert sigmas[0] == 1 and sigmas[-1] == 0
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, generator=g)
+    for k in range(num_steps):
+        s, s_next = sigmas[k].item(), sigmas[k + 1].item()
+        v = torch.randn(4, 3, generator=g, requires_grad=True)
+        x_next, lp, mean, std = vgpo.sde_step_with_logprob(v, x, s, s_next, noise_level, generator=g)
+        mean64, step_std = _eq7_mean_by_hand(v.detach().double(), x.double(), s, s_next, noise_level)
+        torch.testing.assert_close(mean.double(), mean64, rtol=1e-5, atol=1e-5)
+        if noise_level == 0:
+            assert torch.equal(x_next, mean) and torch.equal(lp, torch.zeros(4))
+        else:
+            expected = torch.distributions.Normal(mean64, step_std).log_prob(x_next.double()).mean(-1)
+            torch.testing.assert_close(lp.double(), expected, rtol=1e-3, atol=1e-3)
+            ref = mean.detach() + 0.1
+            kl = vgpo.kl_to_reference(mean, ref, std)  # Flow-GRPO's KL: mean square / (2 std^2), no |dt|
+            std64 = noise_level * math.sqrt(s / (1 - (s_next if s == 1 else s)))
+            torch.testing.assert_close(kl.double(), torch.full((4,), 0.01 / (2 * std64**2), dtype=torch.float64),
+                                       rtol=1e-4, atol=0)  # fmt: skip
+            loss, _ = vgpo.clipped_policy_loss(lp, lp.detach() + 0.01, torch.randn(4, generator=g), 1e-4)
+            (loss + kl.mean()).backward()
+            assert torch.isfinite(v.grad).all()
+        x = x_next.detach()
+
+
+# --- Eq. 9: the one-step projection (TCRM), no extra forward
+
+
 def test_project_x0_recovers_x0_on_a_straight_path():
     x0, x1, s = torch.randn(8, 2), torch.randn(8, 2), torch.rand(8)
     x_s = (1 - s[:, None]) * x0 + s[:, None] * x1
     torch.testing.assert_close(vgpo.project_x0(x_s, x1 - x0, s), x0)
-
-
-def test_cumulative_values_against_an_explicit_loop():
-    rewards = torch.rand(3, 4, 7)
-    values = vgpo.cumulative_values(rewards, 0.9)
-    for idx in [(0, 0), (2, 3), (1, 2)]:
-        r = rewards[idx].tolist()
-        expected = [sum(0.9 ** (j - k) * r[j] for j in range(k, 7)) for k in range(7)]
-        torch.testing.assert_close(values[idx], torch.tensor(expected))
-
-
-def test_timestep_weights_average_one_and_fall_back_on_nonpositive_means():
-    values = vgpo.cumulative_values(torch.rand(5, 10), 0.9)
-    torch.testing.assert_close(vgpo.timestep_weights(values).mean(-1), torch.ones(5))
-    with pytest.warns(UserWarning, match="fall back to 1"):
-        w = vgpo.timestep_weights(torch.tensor([[-1.0, 0.5, 0.2], [1.0, 2.0, 3.0]]))
-    torch.testing.assert_close(w[0], torch.ones(3))
-    torch.testing.assert_close(w[1], torch.tensor([0.5, 1.0, 1.5]))
-
-
-def test_anchor_is_the_discounted_mean_of_remaining_rewards():
-    rewards = torch.full((1, 2, 10), 0.8)  # constant instant reward: anchor = reward at every step
-    values = vgpo.cumulative_values(rewards, 0.9)
-    anchor = vgpo.anchor_advantage(values, kappa=1.0, anchor_steps=10, gamma=0.9)
-    torch.testing.assert_close(anchor, torch.full_like(anchor, 0.8))
-
-
-def test_kl_is_the_gaussian_kl_times_dt():
-    mean, ref_mean, std, dt = torch.randn(3, 4), torch.randn(3, 4), torch.full((3, 1), 0.6), 0.05
-    step = torch.distributions.Normal(mean, std * dt**0.5), torch.distributions.Normal(ref_mean, std * dt**0.5)
-    exact = torch.distributions.kl_divergence(*step).mean(-1)  # (B,)
-    torch.testing.assert_close(vgpo.kl_to_reference(mean, ref_mean, std), exact * dt)
-
-
-# ---------------------------------------------------------------------------- invariants
-
-
-def test_vgpo_without_anchor_on_constant_values_is_grpo():
-    rewards = torch.rand(3, 6)
-    values = rewards[..., None].expand(3, 6, 10)
-    for global_std in (True, False):
-        a = vgpo.vgpo_advantages(values, kappa=0.0, anchor_steps=5, gamma=0.0, global_std=global_std)
-        torch.testing.assert_close(a, vgpo.grpo_advantages(rewards, 10, global_std=global_std))
-
-
-def test_grpo_population_std_by_hand():
-    rewards = torch.tensor([[0.0, 1.0, 1.0, 1.0], [0.5, 0.5, 0.2, 0.2]])
-    adv = vgpo.grpo_advantages(rewards, 3, global_std=False)[..., 0]
-    torch.testing.assert_close(adv[0], torch.tensor([-0.75, 0.25, 0.25, 0.25]) / (math.sqrt(3 / 16) + 1e-4))
-    torch.testing.assert_close(adv[1], torch.tensor([1.0, 1.0, -1.0, -1.0]) * 0.15 / (0.15 + 1e-4))
-
-
-def test_anchor_survives_a_group_whose_values_are_all_equal():
-    values = torch.full((2, 4, 10), 0.7)  # every sample of every group scores the same
-    grpo = vgpo.grpo_advantages(values[..., -1], 10)
-    adae = vgpo.vgpo_advantages(values, kappa=1.0, anchor_steps=5, gamma=0.9, weights=torch.ones_like(values))
-    assert grpo.abs().max() == 0
-    assert (adae[..., :5] > 0).all() and (adae[..., 5:] == 0).all()
-
-
-def test_a_constant_shift_leaves_grpo_unchanged_and_moves_vgpo():
-    rewards = torch.rand(2, 5)
-    g1, g2 = vgpo.grpo_advantages(rewards, 4), vgpo.grpo_advantages(rewards + 0.3, 4)
-    torch.testing.assert_close(g1, g2)
-    values = rewards[..., None].expand(2, 5, 4)
-    v1 = vgpo.vgpo_advantages(values, 1.0, 2, 0.0, weights=torch.ones_like(values))
-    v2 = vgpo.vgpo_advantages(values + 0.3, 1.0, 2, 0.0, weights=torch.ones_like(values))
-    torch.testing.assert_close(v2[..., :2] - v1[..., :2], torch.full((2, 5, 2), 0.3))
-
-
-def test_loss_gradient_vanishes_where_the_clip_is_active():
-    c = 0.1
-    old = torch.zeros(4)
-    log_prob = torch.tensor([0.5, -0.5, 0.5, 0.01], requires_grad=True)  # r = e^0.5, e^-0.5, e^0.5, ~1
-    adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
-    loss, info = vgpo.clipped_policy_loss(log_prob, old, adv, c)
-    loss.backward()
-    assert log_prob.grad[0] == 0 and log_prob.grad[1] == 0  # clipped: no incentive to go further
-    assert log_prob.grad[2] != 0 and log_prob.grad[3] != 0  # pessimistic side / inside the clip
-    assert info["clipfrac"] == 0.75
-    assert info["approx_kl"] == pytest.approx(0.5 * (0.25 * 3 + 0.0001) / 4)
 
 
 @pytest.mark.parametrize("instant", [True, False])
@@ -184,6 +147,234 @@ def test_tcrm_reuses_the_samplers_velocity(instant):
         torch.testing.assert_close(batch.rewards[:, -1], reward(batch.latents[:, -1], batch.prompts))
 
 
+def test_value_steps_one_is_the_projection_and_n_steps_cost_n_minus_one_calls_each():
+    config = tiny_config(num_steps=4)
+    backend = experiments.CountingBackend(vgpo.build_backend(config))
+    x, cond = backend.noise(2, torch.Generator().manual_seed(0)), backend.encode(["a sign"] * 2)
+    v = backend.velocity(x, 0.6, cond)
+    torch.testing.assert_close(vgpo.ode_completion(backend, x, v, 0.6, cond, 1), vgpo.project_x0(x, v, 0.6))
+    # three Euler steps by hand on the grid 0.6, 0.4, 0.2, 0
+    by_hand = x + v * -0.2
+    by_hand = by_hand + backend.velocity(by_hand, 0.4, cond) * -0.2
+    by_hand = by_hand + backend.velocity(by_hand, 0.2, cond) * -0.2
+    torch.testing.assert_close(vgpo.ode_completion(backend, x, v, 0.6, cond, 3), by_hand, rtol=1e-5, atol=1e-5)
+    calls = {}
+    for n in (1, 3):
+        backend.calls = dict.fromkeys(backend.calls, 0)
+        reward = backend.counted_reward(vgpo.checked_reward(backend.load_reward(config.reward), config.reward))
+        sigmas = backend.sigmas(4)
+        vgpo.rollout(backend, ["a", "b"], sigmas, 0.7, reward, torch.Generator().manual_seed(0), True, 0, n)
+        calls[n] = backend.calls["velocity"]
+    assert calls == {1: 4, 3: 4 + 3 * 2}  # T velocity calls, plus (n - 1) for each of the T - 1 projections
+
+
+def tiny_config(**overrides):
+    return vgpo.Config(**{**vgpo.PRESETS["tiny"], "model": "tiny", **overrides})
+
+
+def counted_iteration(config):
+    backend = experiments.CountingBackend(vgpo.build_backend(config))
+    counted = backend.counted_reward(vgpo.checked_reward(backend.load_reward(config.reward), config.reward))
+    optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
+    sigmas = backend.sigmas(config.num_steps)
+    with torch.no_grad():
+        vgpo.rollout(backend, ["a", "b"], sigmas, 0.7, counted, torch.Generator().manual_seed(0), True)
+    backend.calls = dict.fromkeys(backend.calls, 0)
+    record = vgpo.train_iteration(backend, counted, optimizer, sigmas, config, 0)
+    return backend.calls, record
+
+
+def test_vgpo_iteration_calls_the_transformer_as_often_as_grpo():
+    vgpo_calls, _ = counted_iteration(tiny_config(num_steps=4))
+    grpo_calls, _ = counted_iteration(tiny_config(num_steps=4, **vgpo.PRESETS["grpo"]))
+    assert vgpo_calls["velocity"] == grpo_calls["velocity"]
+    assert (vgpo_calls["decode"], vgpo_calls["reward"]) == (4, 4)  # one per step, for the whole batch
+    assert (grpo_calls["decode"], grpo_calls["reward"]) == (1, 1)
+
+
+# --- Eq. 10: cumulative values
+
+
+def test_cumulative_values_against_an_explicit_loop():
+    rewards = torch.rand(3, 4, 7)
+    values = vgpo.cumulative_values(rewards, 0.9)
+    for idx in [(0, 0), (2, 3), (1, 2)]:
+        r = rewards[idx].tolist()
+        expected = [sum(0.9 ** (j - k) * r[j] for j in range(k, 7)) for k in range(7)]
+        torch.testing.assert_close(values[idx], torch.tensor(expected))
+
+
+# --- Eq. 11: timestep weights (decision 2)
+
+
+def test_timestep_weights_average_one_and_fall_back_on_nonpositive_means():
+    values = vgpo.cumulative_values(torch.rand(5, 10), 0.9)
+    torch.testing.assert_close(vgpo.timestep_weights(values).mean(-1), torch.ones(5))
+    with pytest.warns(UserWarning, match="fall back to 1"):
+        w = vgpo.timestep_weights(torch.tensor([[-1.0, 0.5, 0.2], [1.0, 2.0, 3.0]]))
+    torch.testing.assert_close(w[0], torch.ones(3))
+    torch.testing.assert_close(w[1], torch.tensor([0.5, 1.0, 1.5]))
+
+
+def test_weights_never_negative_or_huge_with_mixed_sign_values():
+    with pytest.warns(UserWarning, match="negative value"):
+        w = vgpo.timestep_weights(torch.tensor([[-0.5, 0.2, 0.31], [0.2, 0.4, 0.6]]))
+    torch.testing.assert_close(w[0], torch.ones(3))
+    torch.testing.assert_close(w[1], torch.tensor([0.5, 1.0, 1.5]))
+    values = torch.rand(200, 10) * (torch.rand(200, 1) < 0.5)  # non-negative, some all zero
+    w = vgpo.timestep_weights(values)
+    assert (w >= 0).all() and (w <= 10).all()
+
+
+def test_negative_rewards_warn_once_and_weights_fall_back():
+    fn = vgpo.checked_reward(lambda x, p: -torch.ones(len(p)), "neg")
+    with pytest.warns(UserWarning, match="negative") as record:
+        fn(torch.zeros(2, 2), [0, 1])
+        fn(torch.zeros(2, 2), [0, 1])
+    assert sum("negative" in str(w.message) for w in record) == 1
+    with pytest.warns(UserWarning, match="fall back"):
+        w = vgpo.timestep_weights(vgpo.cumulative_values(-torch.ones(2, 5), 0.9))
+    torch.testing.assert_close(w, torch.ones(2, 5))
+
+
+# --- Eq. 12: the group-relative term (decisions 5, 15)
+
+
+def test_grpo_population_std_by_hand():
+    rewards = torch.tensor([[0.0, 1.0, 1.0, 1.0], [0.5, 0.5, 0.2, 0.2]])
+    adv = vgpo.grpo_advantages(rewards, 3, global_std=False)[..., 0]
+    torch.testing.assert_close(adv[0], torch.tensor([-0.75, 0.25, 0.25, 0.25]) / (math.sqrt(3 / 16) + 1e-4))
+    torch.testing.assert_close(adv[1], torch.tensor([1.0, 1.0, -1.0, -1.0]) * 0.15 / (0.15 + 1e-4))
+
+
+def test_a_flat_group_has_exactly_zero_relative_advantage():
+    # 24 samples at 0.8 and at 1/3: float rounding of the mean used to leave |A| ~ 2e-7 for 0.8
+    values = torch.stack([torch.full((24, 3), 0.8), torch.full((24, 3), 1 / 3), torch.rand(24, 3)])  # (3, 24, 3)
+    for global_std in (True, False):
+        rel = vgpo.relative_advantage(values, global_std)
+        assert torch.equal(rel[:2], torch.zeros(2, 24, 3)) and (rel[2] != 0).all()
+    adv = vgpo.grpo_advantages(values[..., 0], 4)  # (3, 24, 4)
+    assert vgpo.has_signal(rearrange(adv, "n g t -> (n g) t")).view(3, 24).all(1).tolist() == [False, False, True]
+    anchored = vgpo.vgpo_advantages(values, 1.0, 2, 0.9, weights=torch.ones_like(values))
+    assert (anchored[:2, :, :2] != 0).all()  # the anchor keeps a flat group in the update (VGPO's point)
+
+
+# --- Eq. 13: ADAE, the anchored advantage (decisions 3, 4)
+
+
+def test_anchor_is_the_discounted_mean_of_remaining_rewards():
+    rewards = torch.full((1, 2, 10), 0.8)  # constant instant reward: anchor = reward at every step
+    values = vgpo.cumulative_values(rewards, 0.9)
+    anchor = vgpo.anchor_advantage(values, kappa=1.0, anchor_steps=10, gamma=0.9)
+    torch.testing.assert_close(anchor, torch.full_like(anchor, 0.8))
+
+
+def test_anchor_discount_sum_is_accurate_near_gamma_one():
+    T = 10
+    for gamma in (0.99999, 1 - 1e-9, 1.0, 0.0, 0.9):
+        anchor = vgpo.anchor_advantage(torch.ones(1, 1, T), 1.0, T, gamma)[0, 0]  # (T,): 1 / sum_j gamma^j
+        exact = torch.tensor([math.fsum(gamma**j for j in range(T - k)) for k in range(T)], dtype=torch.float64)
+        torch.testing.assert_close(anchor.double(), 1 / exact, rtol=2e-7, atol=0)
+
+
+def test_anchor_survives_a_group_whose_values_are_all_equal():
+    values = torch.full((2, 4, 10), 0.7)  # every sample of every group scores the same
+    grpo = vgpo.grpo_advantages(values[..., -1], 10)
+    adae = vgpo.vgpo_advantages(values, kappa=1.0, anchor_steps=5, gamma=0.9, weights=torch.ones_like(values))
+    assert grpo.abs().max() == 0
+    assert (adae[..., :5] > 0).all() and (adae[..., 5:] == 0).all()
+
+
+def test_a_constant_shift_leaves_grpo_unchanged_and_moves_vgpo():
+    rewards = torch.rand(2, 5)
+    g1, g2 = vgpo.grpo_advantages(rewards, 4), vgpo.grpo_advantages(rewards + 0.3, 4)
+    torch.testing.assert_close(g1, g2)
+    values = rewards[..., None].expand(2, 5, 4)
+    v1 = vgpo.vgpo_advantages(values, 1.0, 2, 0.0, weights=torch.ones_like(values))
+    v2 = vgpo.vgpo_advantages(values + 0.3, 1.0, 2, 0.0, weights=torch.ones_like(values))
+    torch.testing.assert_close(v2[..., :2] - v1[..., :2], torch.full((2, 5, 2), 0.3))
+
+
+def test_vgpo_without_anchor_on_constant_values_is_grpo():
+    rewards = torch.rand(3, 6)
+    values = rewards[..., None].expand(3, 6, 10)
+    for global_std in (True, False):
+        a = vgpo.vgpo_advantages(values, kappa=0.0, anchor_steps=5, gamma=0.0, global_std=global_std)
+        torch.testing.assert_close(a, vgpo.grpo_advantages(rewards, 10, global_std=global_std))
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-12, 1.0, 1e6, -1e6])
+@pytest.mark.parametrize("num_steps", [1, 10, 50])
+def test_values_and_advantages_match_float64_for_extreme_rewards(scale, num_steps):
+    g = torch.Generator().manual_seed(0)
+    rewards = scale * torch.rand(12, num_steps, generator=g)  # 3 groups of 4
+    for gamma in (0.0, 0.9, 1.0):
+        config = vgpo.toy_config(num_steps=num_steps, group_size=4, prompts_per_iteration=3, gamma=gamma,
+                                 global_std=False, anchor_steps=num_steps // 2, timestep_fraction=1.0)  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # negative rewards warn (decision 2)
+            adv, _ = vgpo.batch_advantages(rewards, config)
+        expected = _advantages_by_hand("VGPO", rewards.double().numpy(), 4, gamma, 1.0, num_steps // 2, False)[0]
+        np.testing.assert_allclose(adv.double().numpy(), expected, rtol=1e-4, atol=1e-5)
+        assert adv.abs().max() <= 5.0
+    equal = vgpo.grpo_advantages(torch.full((2, 3), scale), num_steps)
+    assert torch.equal(equal, torch.zeros(2, 3, num_steps))
+
+
+# instant rewards of N = 2 groups of G = 3, T = 3 steps; group 2 ends at 0 everywhere (GRPO's flat group)
+_R = np.array([[0.2, 0.5, 1.0], [0.1, 0.0, 0.0], [0.4, 0.4, 1.0], [0.0, 0.0, 0.0], [0.3, 0.6, 0.0], [0.0, 0.2, 0.0]])
+
+
+def _advantages_by_hand(method, R=_R, G=3, gamma=0.9, kappa=0.5, anchor_steps=1, global_std=True, eps=1e-4, clip=5.0):
+    """SPEC sections 3-4 in float64 numpy, written apart from vgpo: (advantages (B, T), diagnostics)."""
+    dense, weights_on, anchored = {
+        "GRPO": (False, False, False), "weights only": (False, True, False), "TCRM": (True, True, False),
+        "anchor only": (False, False, True), "VGPO": (True, True, True),
+    }[method]  # fmt: skip
+    B, T = R.shape
+    Q = np.zeros_like(R)
+    for k in reversed(range(T)):
+        Q[:, k] = R[:, k] + gamma * (Q[:, k + 1] if k + 1 < T else 0)
+    fallback = (Q.mean(1) <= eps) | (Q < 0).any(1)
+    w = (
+        np.where(fallback[:, None], 1.0, Q / np.maximum(Q.mean(1, keepdims=True), eps))
+        if weights_on
+        else np.ones_like(R)
+    )
+    values, g = (Q, gamma) if dense else (np.repeat(R[:, -1:], T, 1), 0.0)
+    rel = np.zeros_like(R)
+    for k in range(T):
+        for n in range(B // G):
+            grp = values[G * n : G * n + G, k]
+            std = values[:, k].std() if global_std else grp.std()  # ddof 0
+            rel[G * n : G * n + G, k] = 0 if np.all(grp == grp[0]) else (grp - grp.mean()) / (std + eps)
+    disc = np.array([sum(g**j for j in range(T - k)) for k in range(T)])
+    anchor = kappa * values / disc * (np.arange(T) < anchor_steps) if anchored else np.zeros_like(R)
+    adv = np.clip(w * (rel + anchor), -clip, clip)
+    flat = np.mean([np.all(R[G * n : G * n + G, -1] == R[G * n, -1]) for n in range(B // G)])
+    info = dict(zero_std_ratio=flat, adv_rel_abs=np.abs(w * rel).mean(), adv_anchor_abs=np.abs(w * anchor).mean())
+    info["weight_fallback_frac"] = fallback.mean() if weights_on else 0.0  # row 3 of _R: all zero
+    return adv, info
+
+
+@pytest.mark.parametrize("method", ["GRPO", "weights only", "TCRM", "anchor only", "VGPO"])
+def test_batch_advantages_of_every_method_by_hand(method):
+    overrides = {**experiments.METHODS[method], "kappa": 0.5 if "anchor" in method or method == "VGPO" else 0.0}
+    config = vgpo.toy_config(num_steps=3, group_size=3, prompts_per_iteration=2, global_std=True, **overrides)
+    instant = config.dense_values or config.use_weights
+    rewards = torch.tensor(_R if instant else _R[:, -1:], dtype=torch.float32)
+    adv, info = vgpo.batch_advantages(rewards, config)
+    expected, diagnostics = _advantages_by_hand(method)
+    np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-5, atol=1e-6)
+    for key, value in diagnostics.items():
+        assert info[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    if method == "GRPO":
+        assert (adv[3:] == 0).all()  # the flat group carries nothing
+
+
+# --- Flow-GRPO's advantage (the GRPO baseline)
+
+
 def test_grpo_preset_is_flow_grpo_advantage():
     config = vgpo.Config(**vgpo.PRESETS["grpo"], num_steps=4, group_size=3, prompts_per_iteration=2)
     terminal = torch.rand(6, 1)
@@ -192,7 +383,259 @@ def test_grpo_preset_is_flow_grpo_advantage():
     torch.testing.assert_close(adv, expected)
 
 
-# ---------------------------------------------------------------------------- end to end
+# --- Eq. 8: the clipped objective and the KL to the reference (decision 8)
+
+
+def test_loss_gradient_vanishes_where_the_clip_is_active():
+    c = 0.1
+    old = torch.zeros(4)
+    log_prob = torch.tensor([0.5, -0.5, 0.5, 0.01], requires_grad=True)  # r = e^0.5, e^-0.5, e^0.5, ~1
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    loss, info = vgpo.clipped_policy_loss(log_prob, old, adv, c)
+    loss.backward()
+    assert log_prob.grad[0] == 0 and log_prob.grad[1] == 0  # clipped: no incentive to go further
+    assert log_prob.grad[2] != 0 and log_prob.grad[3] != 0  # pessimistic side / inside the clip
+    assert info["clipfrac"] == 0.75
+    assert info["approx_kl"] == pytest.approx(0.5 * (0.25 * 3 + 0.0001) / 4)
+
+
+def test_kl_is_the_gaussian_kl_times_dt():
+    mean, ref_mean, std, dt = torch.randn(3, 4), torch.randn(3, 4), torch.full((3, 1), 0.6), 0.05
+    step = torch.distributions.Normal(mean, std * dt**0.5), torch.distributions.Normal(ref_mean, std * dt**0.5)
+    exact = torch.distributions.kl_divergence(*step).mean(-1)  # (B,)
+    torch.testing.assert_close(vgpo.kl_to_reference(mean, ref_mean, std), exact * dt)
+
+
+def test_kl_to_reference_accepts_a_float_std():
+    mean, ref = torch.randn(3, 4), torch.randn(3, 4)
+    torch.testing.assert_close(
+        vgpo.kl_to_reference(mean, ref, 0.3), vgpo.kl_to_reference(mean, ref, torch.full((3, 1), 0.3))
+    )
+
+
+def test_kl_ref_is_nan_not_zero_without_the_kl_term():
+    config = vgpo.toy_config(beta=0.0, toy_pretrain_steps=200, prompts_per_iteration=2, group_size=2)
+    assert math.isnan(_count_optimizer_steps(config)[1]["kl_ref"])
+
+
+def _perturb_lora(backend, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in backend.parameters():
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def _velocity_inputs(backend, prompts):
+    x = backend.noise(len(prompts), torch.Generator().manual_seed(0))
+    return x, backend.encode(prompts)
+
+
+@pytest.mark.parametrize("model", ["toy", "tiny", "shapes"])
+def test_reference_is_the_base_model_with_the_adapter_zeroed(model, shapes_weights):
+    fields = {"toy": dict(toy_pretrain_steps=200), "tiny": dict(), "shapes": dict(shapes_weights=shapes_weights)}
+    config = tiny_config() if model == "tiny" else vgpo.Config(model=model, **fields[model])
+    backend = vgpo.build_backend(config)
+    prompts = [0, 1] if model == "toy" else ["a photo of a red circle"] * 2
+    x, cond = _velocity_inputs(backend, prompts)
+    _perturb_lora(backend)
+    with torch.no_grad():
+        adapted = backend.velocity(x, 0.6, cond)
+        with backend.reference():
+            reference = backend.velocity(x, 0.6, cond)
+        for name, p in backend.model.named_parameters():  # lora_B zero: the adapter adds nothing
+            if "lora_B" in name:
+                p.zero_()
+        base = backend.velocity(x, 0.6, cond)
+    assert not torch.allclose(adapted, base, atol=1e-4)  # the perturbation moves the policy
+    torch.testing.assert_close(reference, base)  # the reference does not move with it
+
+
+def test_kl_to_the_reference_is_positive_after_an_update():
+    config = vgpo.toy_config(toy_pretrain_steps=200, beta=0.04, iterations=2, eval_samples=16)
+    history = vgpo.train(config)
+    assert history[0]["kl_ref"] > 0 and history[1]["kl_ref"] > history[0]["kl_ref"] * 0.1
+    assert math.isnan(vgpo.train(vgpo.toy_config(toy_pretrain_steps=200, beta=0.0, iterations=1, eval_samples=16))[0][
+        "kl_ref"
+    ])  # fmt: skip
+
+
+def test_first_ratio_is_one_on_the_tiny_pipeline():
+    # one minibatch: the rollout's batch shape, rows permuted; rounding may differ per CPU kernel,
+    # a wrong guidance or noise level would be off by orders of magnitude more
+    _, record = counted_iteration(tiny_config(num_minibatches=1))
+    assert record["onpolicy_ratio_err"] < 1e-5
+
+
+# --- Algorithm 1, the update: minibatches, samples without signal, accumulation (decisions 12, 13)
+
+
+def _count_optimizer_steps(config):
+    backend = vgpo.build_backend(config)
+    reward = vgpo.checked_reward(backend.load_reward(config.reward), config.reward)
+    optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
+    steps = []
+    optimizer.register_step_post_hook(lambda *args: steps.append(1))
+    record = vgpo.train_iteration(backend, reward, optimizer, backend.sigmas(config.num_steps), config, 0)
+    return len(steps), record
+
+
+def test_exactly_num_minibatches_optimizer_steps():
+    config = vgpo.toy_config(prompts_per_iteration=3, group_size=2, num_minibatches=4, toy_pretrain_steps=200)
+    assert _count_optimizer_steps(config)[0] == 4  # 6 samples: chunk() would give 3
+
+
+def _toy_update(advantages, monkeypatch, **overrides):
+    """policy_update on a toy rollout with the given advantages: (record, step_loss indices, steps, moved)."""
+    config = vgpo.toy_config(**{"toy_pretrain_steps": 200, "num_minibatches": 2, **overrides})
+    backend = vgpo.build_backend(config)
+    reward = vgpo.checked_reward(backend.load_reward(config.reward), config.reward)
+    sigmas = backend.sigmas(config.num_steps)
+    batch = vgpo.rollout(backend, [0, 0, 0, 1, 1, 1], sigmas, config.noise_level, reward, torch.Generator(), True)
+    seen, steps, original = [], [], vgpo.step_loss
+    monkeypatch.setattr(
+        vgpo, "step_loss", lambda b, s, adv, idx, *a: seen.append(idx.tolist()) or original(b, s, adv, idx, *a)
+    )
+    optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
+    optimizer.register_step_post_hook(lambda *args: steps.append(1))
+    before = [p.detach().clone() for p in backend.parameters()]
+    record = vgpo.policy_update(backend, batch, advantages, optimizer, sigmas, config, torch.Generator())
+    moved = any(not torch.equal(p, q) for p, q in zip(before, backend.parameters(), strict=True))
+    return record, seen, len(steps), moved
+
+
+def test_samples_with_zero_advantage_are_left_out_of_the_update(monkeypatch):
+    adv = torch.randn(6, 10)
+    adv[[1, 4]] = 0.0  # two samples without signal at any step (a one-score group under GRPO)
+    adv[2, :5] = 0.0  # zero at some steps only: kept
+    record, seen, steps, moved = _toy_update(adv, monkeypatch)
+    trained = {i for idx in seen for i in idx}
+    assert trained == {0, 2, 3, 5} and steps == 2 and moved  # Flow-GRPO's mask, still 2 minibatches
+    assert all(len(idx) == 2 for idx in seen)  # 4 kept samples split into 2 minibatches of 2
+    assert record["trained_frac"] == pytest.approx(4 / 6)
+
+
+def test_a_batch_without_signal_makes_no_update_even_with_the_kl_term(monkeypatch):
+    record, seen, steps, moved = _toy_update(torch.zeros(6, 10), monkeypatch, beta=0.04)
+    assert (seen, steps, moved, record["trained_frac"]) == ([], 0, False, 0.0)
+    assert math.isnan(record["loss"])  # nothing was trained: no loss to report, not a false 0
+
+
+def _reference_mask(advantages, trained, num_batches, pick):
+    """Flow-GRPO ac4c86e scripts/train_sd3.py:740 and 797-808, transcribed: the advantages repeated over the
+    trained columns, the mask of rows with a non-zero sum, then `pick(false_indices, n)` of the others set True
+    until the count divides by the number of batches (when there are enough)."""
+    mask = advantages[:, :trained].abs().sum(dim=1) != 0
+    true_count = int(mask.sum())
+    if true_count % num_batches:
+        false_indices = torch.where(~mask)[0]
+        num_to_change = num_batches - true_count % num_batches
+        if len(false_indices) >= num_to_change:
+            mask[pick(false_indices, num_to_change)] = True
+    return mask
+
+
+@pytest.mark.parametrize(
+    "kept,total,num_minibatches", [([0, 3, 5], 6, 2), ([2, 6], 8, 4), ([0, 1, 2, 3], 6, 2), ([1], 3, 2)]
+)
+def test_minibatches_pad_the_kept_samples_as_flow_grpo(kept, total, num_minibatches):
+    adv = torch.zeros(total, 10)
+    adv[kept, 3] = 1.0
+    adv[[i for i in range(total) if i not in kept][:1], 9] = 2.0  # signal only at the untrained last step
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    parts = vgpo.minibatches(adv, 9, num_minibatches, g1)
+    chosen = torch.cat(parts).sort().values
+    # the same random picks as ours: the first draw of the generator permutes the idle samples
+    expected = _reference_mask(adv, 9, num_minibatches, lambda f, n: f[torch.randperm(len(f), generator=g2)[:n]])
+    assert chosen.tolist() == torch.nonzero(expected).flatten().tolist()
+    assert set(kept) <= set(chosen.tolist()) and len(parts) == num_minibatches
+    assert len({len(p) for p in parts}) == 1  # equal minibatches, none empty
+    assert vgpo.minibatches(torch.zeros(total, 10), 9, num_minibatches, g1) == []  # decision 13: no step
+
+
+def test_two_kept_samples_and_four_minibatches_make_four_real_steps(monkeypatch):
+    # before: tensor_split gave two empty minibatches and AdamW still stepped on zero gradients
+    adv = torch.zeros(6, 10)
+    adv[[1, 4]] = torch.randn(2, 10)
+    record, seen, steps, moved = _toy_update(adv, monkeypatch, num_minibatches=4)
+    per_step = [tuple(idx) for idx in seen[::9]]  # 9 trained steps per minibatch
+    assert steps == 4 == record["optimizer_steps"] and all(len(idx) == 1 for idx in per_step)
+    assert {1, 4} <= {i for idx in per_step for i in idx} and moved  # 2 kept + 2 padded, no empty step
+    assert record["trained_frac"] == pytest.approx(2 / 6)
+
+
+def test_micro_batches_accumulate_the_gradient_of_the_whole_minibatch(monkeypatch):
+    grads, sizes, original = {}, {}, vgpo.step_loss
+    for micro in (0, 1, 2):
+        spy = lambda b, s, adv, idx, *a, m=micro: (
+            sizes.setdefault(m, set()).add(len(idx)) or original(b, s, adv, idx, *a)
+        )
+        monkeypatch.setattr(vgpo, "step_loss", spy)
+        config = vgpo.toy_config(toy_pretrain_steps=200, num_minibatches=1, micro_batch=micro, beta=0.04)
+        backend = vgpo.build_backend(config)
+        reward = vgpo.checked_reward(backend.load_reward(config.reward), config.reward)
+        sigmas = backend.sigmas(config.num_steps)
+        batch = vgpo.rollout(backend, [0, 0, 0, 1, 1], sigmas, 0.7, reward, torch.Generator().manual_seed(1), True)
+        optimizer = torch.optim.SGD(backend.parameters(), lr=0.0)
+        params = backend.parameters()
+        optimizer.register_step_pre_hook(
+            lambda opt, *a, m=micro, ps=params: grads.__setitem__(m, torch.cat([p.grad.flatten().clone() for p in ps]))
+        )
+        adv = torch.randn(5, config.num_steps, generator=torch.Generator().manual_seed(2))
+        vgpo.policy_update(backend, batch, adv, optimizer, sigmas, config, torch.Generator().manual_seed(3))
+    assert sizes == {0: {5}, 1: {1}, 2: {2, 1}}  # forwards of the whole minibatch, of 1, of 2 + 2 + 1
+    scale = grads[0].abs().max().item()
+    assert scale > 0
+    for micro in (1, 2):
+        torch.testing.assert_close(grads[micro], grads[0], rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_small_gpu_preset_makes_num_minibatches_optimizer_steps():
+    preset = {k: v for k, v in vgpo.PRESETS["small-gpu"].items() if k not in ("resolution", "offload_text_encoders")}
+    config = tiny_config(**preset, iterations=1, num_steps=2, reward="jpeg_incompressibility")
+    steps, record = _count_optimizer_steps(config)
+    assert config.micro_batch == 4 and steps == config.num_minibatches == record["optimizer_steps"] == 2
+
+
+def test_policy_update_gradient_is_the_mean_loss_over_trained_steps_in_one_graph(monkeypatch):
+    config = vgpo.toy_config(toy_pretrain_steps=200, num_minibatches=1, beta=0.04, timestep_fraction=0.5,
+                             max_grad_norm=1e9)  # fmt: skip
+    backend = vgpo.build_backend(config)
+    reward = vgpo.checked_reward(backend.load_reward(config.reward), config.reward)
+    sigmas, a = backend.sigmas(config.num_steps), config.noise_level
+    batch = vgpo.rollout(backend, [0, 0, 1, 1], sigmas, a, reward, torch.Generator().manual_seed(1), True)
+    _perturb_lora(backend, 3)  # off-policy, so the ratio and the KL both carry gradients
+    adv = torch.randn(4, config.num_steps, generator=torch.Generator().manual_seed(2))
+    # the expected gradient: Eq. 8 + KL, mean over the first int(10 * 0.5) = 5 steps and the 4 samples, one graph
+    total = 0
+    for k in range(5):
+        x, x_next = batch.latents[:, k], batch.latents[:, k + 1]
+        v = backend.velocity(x, sigmas[k], batch.cond, train=True)
+        _, lp, mean, std = vgpo.sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], a, x_next=x_next)
+        with torch.no_grad(), backend.reference():
+            ref = vgpo.sde_step_with_logprob(backend.velocity(x, sigmas[k], batch.cond), x, sigmas[k], sigmas[k + 1], a,
+                                             x_next=x_next)[2]  # fmt: skip
+        loss = vgpo.clipped_policy_loss(lp, batch.log_probs[:, k], adv[:, k], config.clip_range)[0]
+        total = total + loss + config.beta * vgpo.kl_to_reference(mean, ref, std).mean()
+    backend.model.zero_grad()
+    (total / 5).backward()
+    expected = torch.cat([p.grad.flatten().clone() for p in backend.parameters()])
+    seen, original = [], vgpo.step_loss
+    monkeypatch.setattr(vgpo, "step_loss", lambda *args: seen.append(args[4]) or original(*args))
+    grads = []
+    for clip in (1e9, 0.5 * expected.norm().item()):
+        config.max_grad_norm = clip
+        optimizer = torch.optim.SGD(backend.parameters(), lr=0.0)
+        optimizer.register_step_pre_hook(
+            lambda *_: grads.append(torch.cat([p.grad.flatten().clone() for p in backend.parameters()]))
+        )
+        vgpo.policy_update(backend, batch, adv, optimizer, sigmas, config, torch.Generator().manual_seed(0))
+    assert seen == [0, 1, 2, 3, 4] * 2  # the trained steps: the first int(T * timestep_fraction)
+    torch.testing.assert_close(grads[0], expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+    torch.testing.assert_close(grads[1], expected / 2, rtol=1e-4, atol=1e-6 * expected.abs().max().item())  # clipped
+
+
+# --- Algorithm 1, the training loop on the toy: the reward goes up, runs repeat
+
 
 FAST = dict(iterations=40, toy_pretrain_steps=800, eval_samples=256)
 
@@ -217,40 +660,337 @@ def test_same_seed_same_history_whatever_the_global_rng_and_cache():
     assert strip[0] == strip[1]
 
 
-def test_cli_builds_config_from_presets_and_flags():
-    config, _ = vgpo.parse_args(["--method", "grpo", "--group_size", "5", "--no-global_std"])
-    assert (config.dense_values, config.kappa, config.group_size, config.global_std) == (False, 0.0, 5, False)
-    assert config.clip_range == vgpo.PRESETS["toy"]["clip_range"]  # toy preset applied for the toy
+def test_prompts_of_a_batch_are_distinct_while_there_are_enough():
+    pool = list("abcdefg")
+    for seed in range(5):
+        drawn = backends.draw_prompts(pool, 5, torch.Generator().manual_seed(seed))
+        assert len(set(drawn)) == 5
+        drawn = backends.draw_prompts(pool, 10, torch.Generator().manual_seed(seed))
+        assert sorted(drawn.count(p) for p in pool) == [1, 1, 1, 1, 2, 2, 2]
+    assert sorted(backends.ToyBackend(vgpo.toy_config(toy_pretrain_steps=10)).prompts(8, torch.Generator())) == [
+        0, 0, 1, 1, 2, 2, 3, 3
+    ]  # fmt: skip
 
 
-# ---------------------------------------------------------------------------- bad input
+def test_eval_reward_scores_evaluations_and_not_training():
+    # Before any update the model is the same, so the evaluation with eval_reward="toy_region"
+    # must equal a run trained on toy_region, and differ from one evaluated on toy_mode; the
+    # rollout rewards (training) follow `reward` alone.
+    small = dict(toy_pretrain_steps=200, iterations=1, eval_samples=256)
+    mode = vgpo.train(vgpo.toy_config(reward="toy_mode", **small))[0]
+    region = vgpo.train(vgpo.toy_config(reward="toy_region", **small))[0]
+    mixed = vgpo.train(vgpo.toy_config(reward="toy_mode", eval_reward="toy_region", **small))[0]
+    assert mixed["eval_reward_before"] == region["eval_reward_before"] != mode["eval_reward_before"]
+    assert mixed["reward_mean"] == mode["reward_mean"] != region["reward_mean"]
+    with pytest.raises(vgpo.ConfigError, match="eval_reward"):
+        vgpo.toy_config(eval_reward="ocr")
+    with pytest.raises(vgpo.ConfigError, match="eval_reward"):
+        vgpo.Config(model="shapes", eval_reward="geneval")
 
 
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (dict(group_size=1), "group_size=1"),
-        (dict(anchor_steps=11), "anchor_steps=11"),
-        (dict(timestep_fraction=0.0), "timestep_fraction"),
-        (dict(weighting="sometimes"), "weighting"),
-    ],
-)
-def test_bad_config_names_the_field(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        vgpo.Config(**kwargs)
+# --- EMA (decision 14)
 
 
-@pytest.mark.parametrize(
-    "bad,match",
-    [(lambda x, p: torch.zeros(len(p) + 1), "shape"), (lambda x, p: torch.full((len(p),), math.nan), "non-finite")],
-)
-def test_bad_reward_names_the_problem(bad, match):
-    bad.__name__ = "my_reward"
-    with pytest.raises(ValueError, match=f"my_reward.*{match}|{match}.*my_reward"):
-        vgpo.train(vgpo.toy_config(**{**FAST, "iterations": 1}), reward_fn=bad)
+def test_ema_updates_once_per_optimizer_step_and_the_reference_pattern_differs():
+    # decision 14. Parameters p_n = n after optimizer step n; decay 0.9, every 8: updates after steps 7 and 15,
+    # with d_7 = 8/17, d_15 = 16/25. Once per step (ours): 3.7059, then 7.7718. Flow-GRPO ac4c86e calls
+    # ema.step after every accumulated micro-batch (train_sd3.py:954-955) with the optimizer step count:
+    # with 2 micro-batches per step each due update is applied twice (5.4498, then 11.088)
+    p = torch.zeros(1)
+    ema = vgpo.EMA([p], 0.9, 8)
+    for n in range(1, 16):
+        p.fill_(n)
+        ema.update([p])
+    d7, d15 = 8 / 17, 16 / 25
+    ours = (0 + (1 - d7) * 7) * d15 + (1 - d15) * 15
+    assert ema.shadow[0].item() == pytest.approx(ours) and ours == pytest.approx(7.7718, abs=1e-4)
+    twice = 0.0
+    for n, d in ((7, d7), (15, d15)):
+        for _ in range(2):
+            twice = twice + (1 - d) * (n - twice)
+    assert twice == pytest.approx(11.088, abs=1e-3)
 
 
-# ---------------------------------------------------------------------------- rewards.py
+def test_ema_reproduces_flow_grpos_schedule_on_a_concrete_sequence():
+    p = torch.nn.Parameter(torch.zeros(()))
+    ema = vgpo.EMA([p], decay=0.9, every=8)
+    expected = 0.0
+    for n in range(1, 41):  # optimizer step n sets the parameter to n
+        with torch.no_grad():
+            p.fill_(float(n))
+        ema.update([p])
+        if (n + 1) % 8 == 0:  # Flow-GRPO: update after steps 7, 15, 23, 31, 39
+            d = min((1 + n) / (10 + n), 0.9)
+            expected = d * expected + (1 - d) * n
+    torch.testing.assert_close(ema.shadow[0], torch.tensor(expected))
+    assert expected == pytest.approx(20.316, abs=1e-3)  # by hand: 3.706, 7.772, 11.925, 16.112, 20.316
+    with ema.applied([p]):
+        assert p.item() == pytest.approx(expected)
+    assert p.item() == 40.0  # the trained weights come back
+
+
+def test_trainer_ema_steps_once_per_optimizer_step_and_serves_evaluation_and_export(tmp_path, monkeypatch):
+    emas, checks = [], []
+
+    class Spy(vgpo.EMA):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.updates = 0
+            emas.append(self)
+
+        def update(self, params):
+            self.updates += 1
+            super().update(params)
+
+    monkeypatch.setattr(vgpo, "EMA", Spy)
+    evaluate = vgpo.evaluate
+
+    def spying_evaluate(backend, *a, **k):  # at each evaluation the weights in place are the EMA's
+        checks.append(all(torch.equal(p, s) for p, s in zip(backend.parameters(), emas[0].shadow, strict=True)))
+        return evaluate(backend, *a, **k)
+
+    monkeypatch.setattr(vgpo, "evaluate", spying_evaluate)
+    config = vgpo.toy_config(toy_pretrain_steps=200, iterations=2, eval_samples=16, ema=True, ema_every=1,
+                             output_dir=str(tmp_path))  # fmt: skip
+    history = vgpo.train(config)
+    assert emas[0].updates == sum(h["optimizer_steps"] for h in history) == 4 and checks == [True, True]
+    from safetensors.torch import load_file
+
+    exported = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    names = list(runs.lora_state(vgpo.build_backend(config)))  # the order of backend.parameters()
+    assert len(exported) == len(names) == len(emas[0].shadow)
+    for name, shadow in zip(names, emas[0].shadow, strict=True):  # peft drops the adapter name on export
+        torch.testing.assert_close(exported[name.replace(".default", "")], shadow)
+    emas.clear()
+    flat = dataclasses.replace(config, output_dir="", iterations=1, dense_values=False, kappa=0.0, weighting="off")
+    flat = vgpo.train(flat, reward_fn=lambda x, p: torch.ones(len(p)))
+    assert flat[0]["optimizer_steps"] == 0 and emas[0].updates == 0  # a skipped update moves no EMA
+
+
+# --- SD3 backend on the tiny random-weight pipeline: guidance (decision 9), memory settings, LoRA export
+
+
+def _lora_grad(backend, v):
+    backend.model.zero_grad()
+    v.sum().backward()
+    return torch.cat([p.grad.flatten() for p in backend.parameters()])
+
+
+@pytest.mark.parametrize("detach", [None, False])
+def test_training_cfg_detaches_the_unconditional_branch_as_flow_grpo_ac4c86e(detach):
+    # Flow-GRPO ac4c86e, scripts/train_sd3.py:189-190: compute_log_prob detaches noise_pred_uncond.
+    # The default (None here) does the same; cfg_detach_uncond=False lets gradients through both
+    backend = vgpo.build_backend(tiny_config() if detach is None else tiny_config(cfg_detach_uncond=detach))
+    detach = backend.config.cfg_detach_uncond
+    cond = backend.encode(["a sign"] * 2)
+    x = backend.noise(2, torch.Generator().manual_seed(0))
+    v_train = backend.velocity(x, 0.5, cond, train=True)
+    with torch.no_grad():
+        v_ng = backend.velocity(x, 0.5, cond)
+    torch.testing.assert_close(v_train.detach(), v_ng)  # detaching changes gradients, not values
+    g = backend.config.guidance_scale
+    grad_train = _lora_grad(backend, v_train)
+    backend.config.guidance_scale = 1.0  # each branch alone: the conditional, then the unconditional
+    v_cond = backend.velocity(x, 0.5, cond)
+    v_uncond = backend.velocity(x, 0.5, {**cond, "embeds": cond["neg_embeds"], "pooled": cond["neg_pooled"]})
+    assert not torch.allclose(v_ng, v_cond.detach())  # guidance 4.5 differs from the conditional velocity
+    torch.testing.assert_close(v_ng, v_uncond.detach() + g * (v_cond.detach() - v_uncond.detach()))
+    grad_cond, grad_uncond = _lora_grad(backend, v_cond), _lora_grad(backend, v_uncond)
+    assert grad_uncond.abs().max() > 1e-3 * grad_cond.abs().max()  # the unconditional branch has LoRA gradients
+    # d(v_u + g (v_c - v_u)) = g dv_c + (1 - g) dv_u; with v_u detached (the reference) only g dv_c
+    expected = g * grad_cond + (0 if detach else (1 - g) * grad_uncond)
+    scale = expected.abs().max().item()  # the sum cancels: compare on the gradient's own scale
+    torch.testing.assert_close(grad_train, expected, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_guidance_one_runs_the_conditional_branch_only_and_train_cfg_off_trains_on_it():
+    backend = vgpo.build_backend(tiny_config(guidance_scale=1.0))
+    rows = []
+    backend.pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(len(kwargs["hidden_states"])), with_kwargs=True
+    )
+    cond = backend.encode(["a sign"] * 3)
+    x = backend.noise(3, torch.Generator().manual_seed(0))
+    v = backend.velocity(x, 0.5, cond)
+    assert rows == [3]
+    backend.config.guidance_scale, backend.config.train_cfg = 4.5, False
+    torch.testing.assert_close(backend.velocity(x, 0.5, cond, train=True), v)  # cond only in training
+    assert rows[-1] == 3 and len(backend.velocity(x, 0.5, cond)) == 3 and rows[-1] == 6  # the rollout guides
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients(monkeypatch):
+    import torch.utils.checkpoint
+
+    calls, original = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    grads, counts = [], []
+    for checkpointing in (False, True):
+        backend = vgpo.build_backend(tiny_config(gradient_checkpointing=checkpointing))
+        x = backend.noise(2, torch.Generator().manual_seed(0))
+        backend.velocity(x, 0.5, backend.encode(["a sign"] * 2), train=True).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in backend.parameters()]))
+        counts.append(len(calls))
+    assert counts[0] == 0 and counts[1] >= 2  # it ran: one checkpointed call per transformer block
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_offloaded_text_encoders_train_and_refuse_a_new_prompt():
+    backend = vgpo.build_backend(tiny_config(offload_text_encoders=True))
+    assert backend.pipe.text_encoder is None and backend.pipe.text_encoder_3 is None
+    history = vgpo.train(tiny_config(offload_text_encoders=True, iterations=1))
+    assert math.isfinite(history[0]["loss"])
+    with pytest.raises(RuntimeError, match="not encoded before the text encoders were freed"):
+        backend.encode(["a prompt nobody encoded"])
+
+
+def test_prompt_encoding_is_chunked_cached_on_the_cpu_with_one_negative(tmp_path, monkeypatch):
+    lines = [f'a sign that says "{i:04d}"' for i in range(1000)]
+    (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
+    from diffusers import StableDiffusion3Pipeline
+
+    sizes, original = [], StableDiffusion3Pipeline.encode_prompt
+    monkeypatch.setattr(
+        StableDiffusion3Pipeline,
+        "encode_prompt",
+        lambda self, p, *a, **k: sizes.append(len(p)) or original(self, p, *a, **k),
+    )
+    backend = vgpo.build_backend(tiny_config(prompt_file=str(tmp_path / "p.txt"), offload_text_encoders=True))
+    assert sum(sizes) == 1001 and max(sizes) <= backend.encode_batch  # every prompt once, and the empty one
+    assert len(backend.cache) == 1001 and all(t.device.type == "cpu" for row in backend.cache.values() for t in row)
+    assert backend.pipe.text_encoder is None
+    a, b = backend.encode(lines[:3]), backend.encode(lines[500:502])
+    assert a["neg_embeds"].shape[0] == 3 and a["neg_embeds"].untyped_storage().data_ptr() == (
+        b["neg_embeds"].untyped_storage().data_ptr()
+    )  # one negative, expanded
+    pipe = tiny.tiny_sd3_pipeline(32)  # the same random weights (seed 0)
+    for i in (0, 500, 999):
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+            lines[i], lines[i], lines[i], do_classifier_free_guidance=True, max_sequence_length=16
+        )
+        got = backend.encode([lines[i]])
+        torch.testing.assert_close(got["embeds"], embeds, rtol=1e-5, atol=1e-5)  # alone = in a chunk of 64
+        torch.testing.assert_close(got["pooled"], pooled, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["neg_embeds"], neg, rtol=1e-5, atol=1e-5)  # the pipeline's own negative
+        torch.testing.assert_close(got["neg_pooled"], neg_pooled, rtol=1e-5, atol=1e-5)
+
+
+def test_offloading_encodes_every_prompt_before_the_transformer_moves(monkeypatch):
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    events, encode, to = [], StableDiffusion3Pipeline.encode_prompt, SD3Transformer2DModel.to
+    free = backends.SD3Backend.free_text_encoders
+
+    def record(name, fn):
+        return lambda self, *a, **k: events.append(name) or fn(self, *a, **k)
+
+    monkeypatch.setattr(StableDiffusion3Pipeline, "encode_prompt", record("encode", encode))
+    monkeypatch.setattr(SD3Transformer2DModel, "to", record("transformer", to))
+    monkeypatch.setattr(backends.SD3Backend, "free_text_encoders", lambda self: free(self) or events.append("freed"))
+    backend = vgpo.build_backend(tiny_config(offload_text_encoders=True))
+    assert backend.pipe.text_encoder is None and "transformer" in events
+    last_encode = max(i for i, e in enumerate(events) if e == "encode")
+    assert last_encode < events.index("freed") < events.index("transformer")
+
+
+def test_vae_decodes_in_float32_and_in_chunks(monkeypatch):
+    monkeypatch.setattr(backends, "model_dtype", lambda device: torch.bfloat16)  # as on a GPU
+    backend = vgpo.build_backend(tiny_config())
+    assert backend.pipe.transformer.dtype == torch.bfloat16 and backend.pipe.vae.dtype == torch.float32
+    latents = backend.noise(5, torch.Generator().manual_seed(0))
+    whole = backend.decode(latents)
+    backend.config.decode_batch = 2
+    torch.testing.assert_close(backend.decode(latents), whole, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the float32 decode itself, by hand
+        vae = backend.pipe.vae
+        by_hand = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
+    torch.testing.assert_close(whole, (by_hand / 2 + 0.5).clamp(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_sigmas_follow_the_loaded_schedulers_config():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    backend = vgpo.build_backend(tiny_config())
+    backend.pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, shift_terminal=0.1)
+    expected = FlowMatchEulerDiscreteScheduler(shift=3.0, shift_terminal=0.1)  # the configured shift wins
+    expected.set_timesteps(10)
+    torch.testing.assert_close(backend.sigmas(10), expected.sigmas.float())
+    assert not torch.allclose(backend.sigmas(10), backends.sigma_schedule(10, 3.0))
+
+
+def test_lora_saved_in_diffusers_format_reproduces_the_trained_policy(tmp_path):
+    config = tiny_config(iterations=2, lr=0.05, output_dir=str(tmp_path))
+    backend = vgpo.build_backend(config)
+    optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
+    reward = backend.load_reward(config.reward)
+    for it in range(2):
+        vgpo.train_iteration(backend, reward, optimizer, backend.sigmas(10), config, it)
+    backend.save(str(tmp_path / "lora"))
+
+    def sample(pipe):
+        latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+        return pipe(
+            "a sign that says 'hi'",
+            latents=latents,
+            num_inference_steps=4,
+            height=32,
+            width=32,
+            max_sequence_length=16,
+            output_type="pt",
+        ).images
+
+    fresh = tiny.tiny_sd3_pipeline(32)
+    base = sample(fresh)
+    fresh.load_lora_weights(str(tmp_path / "lora"))
+    torch.testing.assert_close(sample(fresh), sample(backend.pipe), atol=1e-5, rtol=1e-5)
+    assert (sample(fresh) - base).abs().max() > 1e-3  # the adapter changed the images
+
+
+def test_tiny_training_writes_lora_history_and_sample_grids(tmp_path):
+    history = vgpo.train(tiny_config(iterations=2, output_dir=str(tmp_path)))
+    assert len(history) == 2 and "eval_reward" in history[-1]
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"history.json", "lora", "samples_before.png", "samples_00002.png"} <= names
+
+
+def test_ocr_prompts_carry_their_target_word():
+    prompts = backends.ocr_prompts(["coffee"])
+    assert all(rewards.target_text(p) == "COFFEE" for p in prompts)
+    assert not set(backends.OCR_WORDS) & set(backends.OCR_EVAL_WORDS)  # held-out words
+
+
+def test_prompt_file_feeds_training_and_evaluation(tmp_path):
+    (tmp_path / "prompts.txt").write_text('a sign that says "ONE"\n\n  a sign that says "TWO"  \n')
+    backend = vgpo.build_backend(tiny_config(prompt_file=str(tmp_path / "prompts.txt")))
+    expected = ['a sign that says "ONE"', 'a sign that says "TWO"']
+    assert backend.train_prompts == expected and backend.eval_prompts(3) == [*expected, expected[0]]
+
+
+def test_sd35_medium_spec_respects_sd3_width_constraints():
+    spec = tiny.SD35_MEDIUM
+    clips = [spec["clip"], spec["clip_2"]]
+    assert spec["transformer"]["pooled_projection_dim"] == sum(c["projection_dim"] for c in clips)
+    assert spec["transformer"]["joint_attention_dim"] == spec["t5"]["d_model"] >= sum(c["hidden_size"] for c in clips)
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):  # builds the real architecture without allocating it
+        transformer = SD3Transformer2DModel(**spec["transformer"])
+        assert len(transformer.transformer_blocks) == 24
+        model = backends.add_lora(transformer, 32, 64, backends.SD3_LORA_TARGETS, 0)
+    # Flow-GRPO's targets on SD3.5-Medium: 191 modules, 18,776,064 parameters at r 32 (attn2 untouched)
+    lora = [name for name, module in model.named_modules() if "default" in getattr(module, "lora_A", {})]
+    assert len(lora) == 191 and not any("attn2" in name for name in lora)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 18_776_064
+
+
+def test_unloadable_model_error_names_it_and_the_offline_options(monkeypatch):
+    _offline(monkeypatch)
+    with pytest.raises(RuntimeError) as err:
+        backends.load_sd3_pipeline("no-such-org/no-such-model", 32, None)
+    assert "no-such-org/no-such-model" in str(err.value) and "--model tiny" in str(err.value)
+
+
+# --- rewards.py (OCR, JPEG, CLIP heads) and the reward contract
 
 
 @pytest.fixture(scope="module")
@@ -282,6 +1022,25 @@ def test_ocr_score_definition():
     assert rewards.ocr_score("help", "hello") == pytest.approx(1 - 2 / 5)
     assert rewards.ocr_score("completely different", "hi") == 0.0  # clipped at 0
     assert rewards.target_text('it\'s a sign that says "OK"') == "OK"
+
+
+def test_ocr_score_is_flow_grpos_target_anywhere_counts_as_one():
+    def flow_grpo(text, target):  # Flow-GRPO's scorer, written out again: substring -> 0, else capped distance
+        text, target = text.replace(" ", "").lower(), target.replace(" ", "").lower()
+        dist = 0 if target in text else min(rewards.edit_distance(text, target), len(target))
+        return 1 - dist / len(target)
+
+    cases = [("HELLO WORLD", "HELLO"), ("OPEN 24H", "OPEN"), ("Coffee shop", "COFFEE"), ("helo", "hello"), ("", "ab")]
+    for text, target in cases:
+        assert rewards.ocr_score(text, target) == pytest.approx(flow_grpo(text, target))
+    assert [rewards.ocr_score(t, g) for t, g in cases[:3]] == [1.0, 1.0, 1.0]
+
+
+def test_target_text_reads_quotes_not_apostrophes():
+    assert rewards.target_text("it's a sign that says 'OK'") == "OK"
+    assert rewards.target_text("a sign that says 'don't stop'") == "don't stop"
+    with pytest.raises(ValueError, match="no quoted target"):
+        rewards.target_text("it's Bob's sign")
 
 
 def test_jpeg_rewards_order_flat_above_noise():
@@ -377,148 +1136,243 @@ def test_bad_reward_spec_and_ocr_prompt_name_the_problem(ocr_reward):
         ocr_reward(torch.ones(1, 3, 32, 32), ["a plain prompt"])
 
 
-# ---------------------------------------------------------------------------- SD3 backend (tiny pipeline)
+def test_reward_spec_strips_and_rejects_empty_or_non_finite_weights():
+    assert rewards.parse_spec("ocr:1, jpeg_compressibility :0.5") == [("ocr", 1.0), ("jpeg_compressibility", 0.5)]
+    assert rewards.parse_spec(" ocr ") == [("ocr", 1.0)]
+    for spec, message in [("ocr:", "empty weight"), ("ocr:nan", "not finite"), ("ocr:inf", "not finite")]:
+        with pytest.raises(ValueError, match=message):
+            rewards.parse_spec(spec)
 
 
-def tiny_config(**overrides):
-    return vgpo.Config(**{**vgpo.PRESETS["tiny"], "model": "tiny", **overrides})
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda x, p: torch.zeros(len(p), dtype=torch.long), "dtype"),
+        (lambda x, p: torch.zeros(len(p), device="meta"), "meta"),
+    ],
+)
+def test_reward_dtype_and_device_are_checked(bad, match):
+    with pytest.raises(ValueError, match=match):
+        vgpo.checked_reward(bad, "r")(torch.zeros(2, 2), [0, 1])
 
 
-def counted_iteration(config):
-    backend = experiments.CountingBackend(vgpo.build_backend(config))
-    counted = backend.counted_reward(vgpo.checked_reward(backend.load_reward(config.reward), config.reward))
-    optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
-    sigmas = backend.sigmas(config.num_steps)
-    with torch.no_grad():
-        vgpo.rollout(backend, ["a", "b"], sigmas, 0.7, counted, torch.Generator().manual_seed(0), True)
-    backend.calls = dict.fromkeys(backend.calls, 0)
-    record = vgpo.train_iteration(backend, counted, optimizer, sigmas, config, 0)
-    return backend.calls, record
+def test_concurrent_ocr_calls_sharing_one_pool_give_the_sequential_scores():
+    from concurrent.futures import ThreadPoolExecutor
+
+    reward = rewards.load_reward("ocr", threads=2)
+    words = ["HELLO", "COFFEE", "GARDEN", "RIVER", "MUSIC", "BOOKS"]
+    batches = [
+        (torch.stack([experiments.render_text(w, 128) for w in words[i : i + 2]]), [f'a sign "{w}"' for w in words[:2]])
+        for i in (0, 2, 4)
+    ]
+    sequential = [reward(images, prompts) for images, prompts in batches]
+    with ThreadPoolExecutor(3) as pool:  # three calls at once, as three steps' rewards in the trainer
+        concurrent = list(pool.map(lambda b: reward(*b), batches))
+    for a, b in zip(sequential, concurrent, strict=True):
+        assert torch.equal(a, b)
+    assert sequential[0][0] > 0.5  # the first image does read HELLO
 
 
-def test_vgpo_iteration_calls_the_transformer_as_often_as_grpo():
-    vgpo_calls, _ = counted_iteration(tiny_config(num_steps=4))
-    grpo_calls, _ = counted_iteration(tiny_config(num_steps=4, **vgpo.PRESETS["grpo"]))
-    assert vgpo_calls["velocity"] == grpo_calls["velocity"]
-    assert (vgpo_calls["decode"], vgpo_calls["reward"]) == (4, 4)  # one per step, for the whole batch
-    assert (grpo_calls["decode"], grpo_calls["reward"]) == (1, 1)
+# --- reward workers: rewards off the sampler's critical path
 
 
-def test_first_ratio_is_one_on_the_tiny_pipeline():
-    # one minibatch: the rollout's batch shape, rows permuted; rounding may differ per CPU kernel,
-    # a wrong guidance or noise level would be off by orders of magnitude more
-    _, record = counted_iteration(tiny_config(num_minibatches=1))
-    assert record["onpolicy_ratio_err"] < 1e-5
+def _slow_reward(seconds, threads):
+    def reward_fn(points, prompts):
+        threads.add(__import__("threading").current_thread().name)
+        time.sleep(seconds)  # a remote or CPU reward model's latency
+        return torch.exp(-points.float().square().sum(-1))  # (B,)
+
+    return reward_fn
 
 
-def _lora_grad(backend, v):
-    backend.model.zero_grad()
-    v.sum().backward()
-    return torch.cat([p.grad.flatten() for p in backend.parameters()])
+class _VelocityCalls:
+    """Wraps a backend: counts velocity calls, and lets a reward wait until a given call has been made."""
+
+    def __init__(self, backend):
+        import threading
+
+        self.backend, self.calls, self.changed = backend, 0, threading.Condition()
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def velocity(self, *args, **kwargs):
+        with self.changed:
+            self.calls += 1
+            self.changed.notify_all()
+        return self.backend.velocity(*args, **kwargs)
+
+    def wait_for(self, calls, timeout):
+        with self.changed:
+            return self.changed.wait_for(lambda: self.calls >= calls, timeout)
 
 
-@pytest.mark.parametrize("detach", [None, False])
-def test_training_cfg_detaches_the_unconditional_branch_as_flow_grpo_ac4c86e(detach):
-    # Flow-GRPO ac4c86e, scripts/train_sd3.py:189-190: compute_log_prob detaches noise_pred_uncond.
-    # The default (None here) does the same; cfg_detach_uncond=False lets gradients through both
-    backend = vgpo.build_backend(tiny_config() if detach is None else tiny_config(cfg_detach_uncond=detach))
-    detach = backend.config.cfg_detach_uncond
-    cond = backend.encode(["a sign"] * 2)
-    x = backend.noise(2, torch.Generator().manual_seed(0))
-    v_train = backend.velocity(x, 0.5, cond, train=True)
-    with torch.no_grad():
-        v_ng = backend.velocity(x, 0.5, cond)
-    torch.testing.assert_close(v_train.detach(), v_ng)  # detaching changes gradients, not values
-    g = backend.config.guidance_scale
-    grad_train = _lora_grad(backend, v_train)
-    backend.config.guidance_scale = 1.0  # each branch alone: the conditional, then the unconditional
-    v_cond = backend.velocity(x, 0.5, cond)
-    v_uncond = backend.velocity(x, 0.5, {**cond, "embeds": cond["neg_embeds"], "pooled": cond["neg_pooled"]})
-    assert not torch.allclose(v_ng, v_cond.detach())  # guidance 4.5 differs from the conditional velocity
-    torch.testing.assert_close(v_ng, v_uncond.detach() + g * (v_cond.detach() - v_uncond.detach()))
-    grad_cond, grad_uncond = _lora_grad(backend, v_cond), _lora_grad(backend, v_uncond)
-    assert grad_uncond.abs().max() > 1e-3 * grad_cond.abs().max()  # the unconditional branch has LoRA gradients
-    # d(v_u + g (v_c - v_u)) = g dv_c + (1 - g) dv_u; with v_u detached (the reference) only g dv_c
-    expected = g * grad_cond + (0 if detach else (1 - g) * grad_uncond)
-    scale = expected.abs().max().item()  # the sum cancels: compare on the gradient's own scale
-    torch.testing.assert_close(grad_train, expected, rtol=1e-4, atol=1e-4 * scale)
+def test_reward_workers_give_the_inline_rewards_in_step_order_and_overlap():
+    # the rollout's velocity calls: 1 at the noise, then k + 2 after step k. Step k's reward is submitted after
+    # call k + 2 and waits for call k + 3 (the sampler's next step): scored inline it blocks the sampler and can
+    # only time out; scored by workers the sampler runs on and it never waits in vain
+    backend = _VelocityCalls(backends.ToyBackend(vgpo.toy_config(toy_pretrain_steps=200)))
+    sigmas, T, batches, timed_out = backend.sigmas(6), 6, {}, {}
+    for workers in (0, 6):
+        timed_out[workers], step, names = [], [0], set()
+
+        def reward(points, prompts, timed_out=timed_out[workers], step=step, names=names):
+            k, step[0] = step[0], step[0] + 1
+            names.add(__import__("threading").current_thread().name)
+            if k + 3 <= T and not backend.wait_for(k + 3, timeout=0.3):
+                timed_out.append(k)
+            return torch.exp(-points.float().square().sum(-1))  # (B,)
+
+        batches[workers] = vgpo.rollout(
+            backend, [0, 1] * 4, sigmas, 0.7, reward, torch.Generator().manual_seed(0), True, workers
+        )
+        assert any(n.startswith("reward") for n in names) == (workers > 0)  # scored in worker threads
+    assert timed_out == {0: [0, 1, 2, 3], 6: []}
+    assert torch.equal(batches[0].rewards, batches[6].rewards) and torch.equal(batches[0].latents, batches[6].latents)
 
 
-def test_gradient_checkpointing_gives_the_same_lora_gradients(monkeypatch):
-    import torch.utils.checkpoint
+def _run_with_timeout(fn, seconds=60):
+    """fn() in a thread; (finished, its exception or None): a hang shows as finished False."""
+    import threading
 
-    calls, original = [], torch.utils.checkpoint.checkpoint
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
-    grads, counts = [], []
-    for checkpointing in (False, True):
-        backend = vgpo.build_backend(tiny_config(gradient_checkpointing=checkpointing))
-        x = backend.noise(2, torch.Generator().manual_seed(0))
-        backend.velocity(x, 0.5, backend.encode(["a sign"] * 2), train=True).square().mean().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in backend.parameters()]))
-        counts.append(len(calls))
-    assert counts[0] == 0 and counts[1] >= 2  # it ran: one checkpointed call per transformer block
-    assert grads[0].abs().sum() > 0
-    torch.testing.assert_close(grads[0], grads[1])
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(error=_catch(fn)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return not thread.is_alive(), out.get("error")
 
 
-def test_offloaded_text_encoders_train_and_refuse_a_new_prompt():
-    backend = vgpo.build_backend(tiny_config(offload_text_encoders=True))
-    assert backend.pipe.text_encoder is None and backend.pipe.text_encoder_3 is None
-    history = vgpo.train(tiny_config(offload_text_encoders=True, iterations=1))
-    assert math.isfinite(history[0]["loss"])
-    with pytest.raises(RuntimeError, match="not encoded before the text encoders were freed"):
-        backend.encode(["a prompt nobody encoded"])
+def _catch(fn):
+    try:
+        fn()
+    except Exception as err:  # returned to the test, which names what it expects
+        return err
+    return None
 
 
-def test_lora_saved_in_diffusers_format_reproduces_the_trained_policy(tmp_path):
-    config = tiny_config(iterations=2, lr=0.05, output_dir=str(tmp_path))
-    backend = vgpo.build_backend(config)
-    optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
-    reward = backend.load_reward(config.reward)
-    for it in range(2):
-        vgpo.train_iteration(backend, reward, optimizer, backend.sigmas(10), config, it)
-    backend.save(str(tmp_path / "lora"))
+def test_an_exception_in_a_reward_worker_surfaces_by_name_without_hanging():
+    backend = backends.ToyBackend(vgpo.toy_config(toy_pretrain_steps=200))
+    calls = []
 
-    def sample(pipe):
-        latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
-        return pipe(
-            "a sign that says 'hi'",
-            latents=latents,
-            num_inference_steps=4,
-            height=32,
-            width=32,
-            max_sequence_length=16,
-            output_type="pt",
-        ).images
+    def failing(points, prompts):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("reward server unreachable")
+        return torch.zeros(len(prompts))
 
-    fresh = tiny.tiny_sd3_pipeline(32)
-    base = sample(fresh)
-    fresh.load_lora_weights(str(tmp_path / "lora"))
-    torch.testing.assert_close(sample(fresh), sample(backend.pipe), atol=1e-5, rtol=1e-5)
-    assert (sample(fresh) - base).abs().max() > 1e-3  # the adapter changed the images
+    sigmas = backend.sigmas(6)
+    finished, error = _run_with_timeout(
+        lambda: vgpo.rollout(backend, [0, 1], sigmas, 0.7, failing, torch.Generator().manual_seed(0), True, 4)
+    )
+    assert finished and isinstance(error, RuntimeError) and "reward server unreachable" in str(error)
 
 
-def test_tiny_training_writes_lora_history_and_sample_grids(tmp_path):
-    history = vgpo.train(tiny_config(iterations=2, output_dir=str(tmp_path)))
-    assert len(history) == 2 and "eval_reward" in history[-1]
-    names = {p.name for p in tmp_path.iterdir()}
-    assert {"history.json", "lora", "samples_before.png", "samples_00002.png"} <= names
+# --- configuration and command line: errors name the flag
 
 
-def test_ocr_prompts_carry_their_target_word():
-    prompts = backends.ocr_prompts(["coffee"])
-    assert all(rewards.target_text(p) == "COFFEE" for p in prompts)
-    assert not set(backends.OCR_WORDS) & set(backends.OCR_EVAL_WORDS)  # held-out words
+def test_cli_builds_config_from_presets_and_flags():
+    config, _ = vgpo.parse_args(["--method", "grpo", "--group_size", "5", "--no-global_std"])
+    assert (config.dense_values, config.kappa, config.group_size, config.global_std) == (False, 0.0, 5, False)
+    assert config.clip_range == vgpo.PRESETS["toy"]["clip_range"]  # toy preset applied for the toy
 
 
-def test_unloadable_model_error_names_it_and_the_offline_options(monkeypatch):
-    _offline(monkeypatch)
-    with pytest.raises(RuntimeError) as err:
-        backends.load_sd3_pipeline("no-such-org/no-such-model", 32, None)
-    assert "no-such-org/no-such-model" in str(err.value) and "--model tiny" in str(err.value)
+def test_python_config_builds_the_command_lines_run():
+    assert vgpo.parse_args(["--lr", "0.1"])[0] == vgpo.Config(lr=0.1)
+    assert vgpo.Config(model="toy").clip_range == 0.2 and vgpo.Config(model="toy").group_size == 8
+    assert vgpo.parse_args(["--model", "tiny"])[0] == vgpo.Config(model="tiny")
+    assert vgpo.parse_args(["--method", "grpo"])[0] == vgpo.Config(**vgpo.PRESETS["grpo"])
+    hub = ["--model", "org/sd", "--preset", "small-gpu"]
+    assert vgpo.parse_args(hub)[0] == vgpo.Config(model="org/sd", **vgpo.PRESETS["small-gpu"])
+    with pytest.raises(ValueError, match="resolution=512.*at most 256"):
+        vgpo.Config(model="tiny", resolution=512)
+    with pytest.raises(TypeError, match="unknown fields"):
+        vgpo.Config(learning_rate=1.0)
+    history = vgpo.train(vgpo.Config(model="tiny", iterations=1))
+    assert math.isfinite(history[-1]["eval_reward"])
 
 
-# ---------------------------------------------------------------------------- reliability
+def test_cli_precedence_presets_flags_and_the_optional_integer(tmp_path):
+    small = ["--model", "random-sd3.5-medium", "--preset", "small-gpu"]  # parsed only, nothing is built
+    c, _ = vgpo.parse_args(small)
+    assert c.micro_batch == 4 and c.group_size == 8 and c.gradient_checkpointing and c.resolution == 512
+    c, _ = vgpo.parse_args([*small, "--micro_batch", "2", "--group_size", "6"])
+    assert (c.micro_batch, c.group_size, c.prompts_per_iteration) == (2, 6, 2)  # the flag wins, the rest stays
+    assert vgpo.parse_args(["--anchor_steps", "3"])[0].anchor_steps == 3
+    assert vgpo.parse_args([])[0].anchor_steps == vgpo.Config().num_steps // 2  # None: num_steps // 2
+    assert vgpo.parse_args(["--model", "random-sd3.5-medium"])[0].ema is True
+    assert vgpo.parse_args(["--model", "random-sd3.5-medium", "--no-ema"])[0].ema is False
+    assert vgpo.parse_args(["--model", "toy", "--ema"])[0].ema is True  # over the toy preset's False
+    # a resumed shapes run writes where it was, not in the preset's runs/shapes
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    assert vgpo.parse_args(["--model", "shapes", "--resume", str(tmp_path)])[0].output_dir == str(tmp_path)
+    assert vgpo.Config(model="shapes", resume=str(tmp_path)).output_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(group_size=1), "group_size=1"),
+        (dict(anchor_steps=11), "anchor_steps=11"),
+        (dict(timestep_fraction=0.0), "timestep_fraction"),
+        (dict(weighting="sometimes"), "weighting"),
+    ],
+)
+def test_bad_config_names_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        vgpo.Config(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [(lambda x, p: torch.zeros(len(p) + 1), "shape"), (lambda x, p: torch.full((len(p),), math.nan), "non-finite")],
+)
+def test_bad_reward_names_the_problem(bad, match):
+    bad.__name__ = "my_reward"
+    with pytest.raises(ValueError, match=f"my_reward.*{match}|{match}.*my_reward"):
+        vgpo.train(vgpo.toy_config(**{**FAST, "iterations": 1}), reward_fn=bad)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(noise_level=0.0), "noise_level"),
+        (dict(num_minibatches=0), "num_minibatches"),
+        (dict(resolution=500), "resolution=500"),
+        (dict(model="tiny", reward="pickscor"), "unknown reward 'pickscor'"),
+        (dict(model="tiny", prompt_file="/no/such/file"), "prompt_file.*no such file"),
+        (dict(device="gpu"), "device='gpu'"),
+        (dict(resume="/no/such/dir"), "checkpoint.pt"),
+        (dict(gamma=1.5), "gamma=1.5"),
+    ],
+)
+def test_more_bad_configs_name_the_field(kwargs, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        vgpo.Config(**kwargs)
+
+
+def test_empty_prompt_file_is_refused(tmp_path):
+    (tmp_path / "p.txt").write_text("\n  \n")
+    with pytest.raises(ValueError, match="prompt_file.*no prompt"):
+        vgpo.Config(model="tiny", prompt_file=str(tmp_path / "p.txt"))
+
+
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["--group_size", "1"], "--group_size: invalid value 1: must be >= 2"),
+        (["--model", "tiny", "--resolution", "512"], "--resolution: invalid value 512"),
+        (["--lr", "fast"], "--lr: invalid float value: 'fast'"),
+        (["--method", "ppo"], "--method: invalid choice: 'ppo'"),
+    ],
+)
+def test_command_line_errors_are_one_line_with_status_2(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        vgpo.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and flag in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# --- runs: checkpoints, resume, metrics, tensorboard
 
 
 RUN = ["--iterations", "8", "--checkpoint_every", "3", "--toy_pretrain_steps", "200", "--eval_samples", "32", "--ema"]
@@ -592,592 +1446,57 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     assert (tmp_path / "checkpoint.pt").read_bytes() == good
 
 
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (dict(noise_level=0.0), "noise_level"),
-        (dict(num_minibatches=0), "num_minibatches"),
-        (dict(resolution=500), "resolution=500"),
-        (dict(model="tiny", reward="pickscor"), "unknown reward 'pickscor'"),
-        (dict(model="tiny", prompt_file="/no/such/file"), "prompt_file.*no such file"),
-        (dict(device="gpu"), "device='gpu'"),
-        (dict(resume="/no/such/dir"), "checkpoint.pt"),
-        (dict(gamma=1.5), "gamma=1.5"),
-    ],
-)
-def test_more_bad_configs_name_the_field(kwargs, match, tmp_path):
-    with pytest.raises(ValueError, match=match):
-        vgpo.Config(**kwargs)
-
-
-def test_empty_prompt_file_is_refused(tmp_path):
-    (tmp_path / "p.txt").write_text("\n  \n")
-    with pytest.raises(ValueError, match="prompt_file.*no prompt"):
-        vgpo.Config(model="tiny", prompt_file=str(tmp_path / "p.txt"))
-
-
-@pytest.mark.parametrize(
-    "bad,match",
-    [
-        (lambda x, p: torch.zeros(len(p), dtype=torch.long), "dtype"),
-        (lambda x, p: torch.zeros(len(p), device="meta"), "meta"),
-    ],
-)
-def test_reward_dtype_and_device_are_checked(bad, match):
-    with pytest.raises(ValueError, match=match):
-        vgpo.checked_reward(bad, "r")(torch.zeros(2, 2), [0, 1])
-
-
-def test_negative_rewards_warn_once_and_weights_fall_back():
-    fn = vgpo.checked_reward(lambda x, p: -torch.ones(len(p)), "neg")
-    with pytest.warns(UserWarning, match="negative") as record:
-        fn(torch.zeros(2, 2), [0, 1])
-        fn(torch.zeros(2, 2), [0, 1])
-    assert sum("negative" in str(w.message) for w in record) == 1
-    with pytest.warns(UserWarning, match="fall back"):
-        w = vgpo.timestep_weights(vgpo.cumulative_values(-torch.ones(2, 5), 0.9))
-    torch.testing.assert_close(w, torch.ones(2, 5))
-
-
-@pytest.mark.parametrize("shift", [1.0, 3.0, 10.0])
-@pytest.mark.parametrize("num_steps", [1, 2, 10, 50])
-@pytest.mark.parametrize("noise_level", [0.0, 0.1, 0.7, 1.5])
-def test_sampler_and_loss_match_float64_over_schedules_and_noise(shift, num_steps, noise_level):
-    sigmas = backends.sigma_schedule(num_steps, shift)
-    assert sigmas[0] == 1 and sigmas[-1] == 0
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 3, generator=g)
-    for k in range(num_steps):
-        s, s_next = sigmas[k].item(), sigmas[k + 1].item()
-        v = torch.randn(4, 3, generator=g, requires_grad=True)
-        x_next, lp, mean, std = vgpo.sde_step_with_logprob(v, x, s, s_next, noise_level, generator=g)
-        mean64, step_std = _eq7_mean_by_hand(v.detach().double(), x.double(), s, s_next, noise_level)
-        torch.testing.assert_close(mean.double(), mean64, rtol=1e-5, atol=1e-5)
-        if noise_level == 0:
-            assert torch.equal(x_next, mean) and torch.equal(lp, torch.zeros(4))
-        else:
-            expected = torch.distributions.Normal(mean64, step_std).log_prob(x_next.double()).mean(-1)
-            torch.testing.assert_close(lp.double(), expected, rtol=1e-3, atol=1e-3)
-            ref = mean.detach() + 0.1
-            kl = vgpo.kl_to_reference(mean, ref, std)  # Flow-GRPO's KL: mean square / (2 std^2), no |dt|
-            std64 = noise_level * math.sqrt(s / (1 - (s_next if s == 1 else s)))
-            torch.testing.assert_close(kl.double(), torch.full((4,), 0.01 / (2 * std64**2), dtype=torch.float64),
-                                       rtol=1e-4, atol=0)  # fmt: skip
-            loss, _ = vgpo.clipped_policy_loss(lp, lp.detach() + 0.01, torch.randn(4, generator=g), 1e-4)
-            (loss + kl.mean()).backward()
-            assert torch.isfinite(v.grad).all()
-        x = x_next.detach()
-
-
-@pytest.mark.parametrize("scale", [0.0, 1e-12, 1.0, 1e6, -1e6])
-@pytest.mark.parametrize("num_steps", [1, 10, 50])
-def test_values_and_advantages_match_float64_for_extreme_rewards(scale, num_steps):
-    g = torch.Generator().manual_seed(0)
-    rewards = scale * torch.rand(12, num_steps, generator=g)  # 3 groups of 4
-    for gamma in (0.0, 0.9, 1.0):
-        config = vgpo.toy_config(num_steps=num_steps, group_size=4, prompts_per_iteration=3, gamma=gamma,
-                                 global_std=False, anchor_steps=num_steps // 2, timestep_fraction=1.0)  # fmt: skip
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # negative rewards warn (decision 2)
-            adv, _ = vgpo.batch_advantages(rewards, config)
-        expected = _advantages_by_hand("VGPO", rewards.double().numpy(), 4, gamma, 1.0, num_steps // 2, False)[0]
-        np.testing.assert_allclose(adv.double().numpy(), expected, rtol=1e-4, atol=1e-5)
-        assert adv.abs().max() <= 5.0
-    equal = vgpo.grpo_advantages(torch.full((2, 3), scale), num_steps)
-    assert torch.equal(equal, torch.zeros(2, 3, num_steps))
-
-
-# ---------------------------------------------------------------------------- torch.distributed (gloo, CPU)
-
-
-def test_two_gloo_ranks_give_the_history_of_one_process(tmp_path):
-    fields = dict(iterations=3, toy_pretrain_steps=300, eval_samples=64, prompts_per_iteration=4, group_size=4)
-    args = [word for k, v in fields.items() for word in (f"--{k}", str(v))]  # two groups per rank
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    vgpo.train(vgpo.Config(model="toy", output_dir=one, **fields))  # the same run in this one process
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "vgpo.py"]
-    cwd = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run([*torchrun, *args, "--output_dir", two], capture_output=True, text=True, timeout=300, cwd=cwd)
-    assert out.returncode == 0, out.stderr[-3000:]
-    for a, b in zip(_history(one), _history(two), strict=True):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
-
-
-# ---------------------------------------------------------------------------- experiments.py (reduced)
-
-
-def test_reduced_experiment_writes_a_well_formed_table_figure_and_runs(tmp_path, monkeypatch):
-    from PIL import Image
-
-    monkeypatch.setitem(vgpo.PRESETS, "toy", {**vgpo.PRESETS["toy"], "toy_pretrain_steps": 200, "eval_samples": 32})
-    experiments.main(["methods", "--seeds", "1", "--iterations", "3", "--workers", "1", "--out", str(tmp_path)])
-    runs = json.loads((tmp_path / "toy_methods.json").read_text())
-    assert len(runs) == len(experiments.SETTINGS) * len(experiments.METHODS)
-    assert all(len(r["curve"]) == 3 and 0 <= r["eval_after"] <= 1 for r in runs)
-    table = (tmp_path / "toy_methods.md").read_text().splitlines()
-    assert sum(line.startswith("| ") for line in table) == 1 + len(runs)  # header + one row per run
-    assert Image.open(tmp_path / "toy_methods.png").size[0] > 500
-
-
-def test_benchmark_writes_counts_for_grpo_and_vgpo(tmp_path):
-    experiments.main(["benchmark", "--repeats", "1", "--out", str(tmp_path)])
-    rows = [line.split("|") for line in (tmp_path / "benchmark_tiny_jpeg_compressibility.md").read_text().splitlines()]
-    counts = {r[1].strip(): [float(c) for c in r[5:8]] for r in rows if len(r) > 8 and r[1].strip() in ("GRPO", "VGPO")}
-    assert counts == {"GRPO": [46, 1, 1], "VGPO": [46, 10, 10]}  # 10 rollout + 9 steps x 2 minibatches x 2
-
-
-def test_sd35_medium_spec_respects_sd3_width_constraints():
-    spec = tiny.SD35_MEDIUM
-    clips = [spec["clip"], spec["clip_2"]]
-    assert spec["transformer"]["pooled_projection_dim"] == sum(c["projection_dim"] for c in clips)
-    assert spec["transformer"]["joint_attention_dim"] == spec["t5"]["d_model"] >= sum(c["hidden_size"] for c in clips)
-    from diffusers import SD3Transformer2DModel
-
-    with torch.device("meta"):  # builds the real architecture without allocating it
-        transformer = SD3Transformer2DModel(**spec["transformer"])
-        assert len(transformer.transformer_blocks) == 24
-        model = backends.add_lora(transformer, 32, 64, backends.SD3_LORA_TARGETS, 0)
-    # Flow-GRPO's targets on SD3.5-Medium: 191 modules, 18,776,064 parameters at r 32 (attn2 untouched)
-    lora = [name for name, module in model.named_modules() if "default" in getattr(module, "lora_A", {})]
-    assert len(lora) == 191 and not any("attn2" in name for name in lora)
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 18_776_064
-
-
-def test_prompt_file_feeds_training_and_evaluation(tmp_path):
-    (tmp_path / "prompts.txt").write_text('a sign that says "ONE"\n\n  a sign that says "TWO"  \n')
-    backend = vgpo.build_backend(tiny_config(prompt_file=str(tmp_path / "prompts.txt")))
-    expected = ['a sign that says "ONE"', 'a sign that says "TWO"']
-    assert backend.train_prompts == expected and backend.eval_prompts(3) == [*expected, expected[0]]
-
-
-# ---------------------------------------------------------------------------- Flow-GRPO parity, one Config
-
-
-def test_ocr_score_is_flow_grpos_target_anywhere_counts_as_one():
-    def flow_grpo(text, target):  # Flow-GRPO's scorer, written out again: substring -> 0, else capped distance
-        text, target = text.replace(" ", "").lower(), target.replace(" ", "").lower()
-        dist = 0 if target in text else min(rewards.edit_distance(text, target), len(target))
-        return 1 - dist / len(target)
-
-    cases = [("HELLO WORLD", "HELLO"), ("OPEN 24H", "OPEN"), ("Coffee shop", "COFFEE"), ("helo", "hello"), ("", "ab")]
-    for text, target in cases:
-        assert rewards.ocr_score(text, target) == pytest.approx(flow_grpo(text, target))
-    assert [rewards.ocr_score(t, g) for t, g in cases[:3]] == [1.0, 1.0, 1.0]
-
-
-def test_target_text_reads_quotes_not_apostrophes():
-    assert rewards.target_text("it's a sign that says 'OK'") == "OK"
-    assert rewards.target_text("a sign that says 'don't stop'") == "don't stop"
-    with pytest.raises(ValueError, match="no quoted target"):
-        rewards.target_text("it's Bob's sign")
-
-
-def test_reward_spec_strips_and_rejects_empty_or_non_finite_weights():
-    assert rewards.parse_spec("ocr:1, jpeg_compressibility :0.5") == [("ocr", 1.0), ("jpeg_compressibility", 0.5)]
-    assert rewards.parse_spec(" ocr ") == [("ocr", 1.0)]
-    for spec, message in [("ocr:", "empty weight"), ("ocr:nan", "not finite"), ("ocr:inf", "not finite")]:
-        with pytest.raises(ValueError, match=message):
-            rewards.parse_spec(spec)
-
-
-def test_anchor_discount_sum_is_accurate_near_gamma_one():
-    T = 10
-    for gamma in (0.99999, 1 - 1e-9, 1.0, 0.0, 0.9):
-        anchor = vgpo.anchor_advantage(torch.ones(1, 1, T), 1.0, T, gamma)[0, 0]  # (T,): 1 / sum_j gamma^j
-        exact = torch.tensor([math.fsum(gamma**j for j in range(T - k)) for k in range(T)], dtype=torch.float64)
-        torch.testing.assert_close(anchor.double(), 1 / exact, rtol=2e-7, atol=0)
-
-
-def test_weights_never_negative_or_huge_with_mixed_sign_values():
-    with pytest.warns(UserWarning, match="negative value"):
-        w = vgpo.timestep_weights(torch.tensor([[-0.5, 0.2, 0.31], [0.2, 0.4, 0.6]]))
-    torch.testing.assert_close(w[0], torch.ones(3))
-    torch.testing.assert_close(w[1], torch.tensor([0.5, 1.0, 1.5]))
-    values = torch.rand(200, 10) * (torch.rand(200, 1) < 0.5)  # non-negative, some all zero
-    w = vgpo.timestep_weights(values)
-    assert (w >= 0).all() and (w <= 10).all()
-
-
-def test_kl_to_reference_accepts_a_float_std():
-    mean, ref = torch.randn(3, 4), torch.randn(3, 4)
-    torch.testing.assert_close(
-        vgpo.kl_to_reference(mean, ref, 0.3), vgpo.kl_to_reference(mean, ref, torch.full((3, 1), 0.3))
-    )
-
-
-def _count_optimizer_steps(config):
-    backend = vgpo.build_backend(config)
-    reward = vgpo.checked_reward(backend.load_reward(config.reward), config.reward)
-    optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
-    steps = []
-    optimizer.register_step_post_hook(lambda *args: steps.append(1))
-    record = vgpo.train_iteration(backend, reward, optimizer, backend.sigmas(config.num_steps), config, 0)
-    return len(steps), record
-
-
-def test_exactly_num_minibatches_optimizer_steps():
-    config = vgpo.toy_config(prompts_per_iteration=3, group_size=2, num_minibatches=4, toy_pretrain_steps=200)
-    assert _count_optimizer_steps(config)[0] == 4  # 6 samples: chunk() would give 3
-
-
-def _toy_update(advantages, monkeypatch, **overrides):
-    """policy_update on a toy rollout with the given advantages: (record, step_loss indices, steps, moved)."""
-    config = vgpo.toy_config(**{"toy_pretrain_steps": 200, "num_minibatches": 2, **overrides})
-    backend = vgpo.build_backend(config)
-    reward = vgpo.checked_reward(backend.load_reward(config.reward), config.reward)
-    sigmas = backend.sigmas(config.num_steps)
-    batch = vgpo.rollout(backend, [0, 0, 0, 1, 1, 1], sigmas, config.noise_level, reward, torch.Generator(), True)
-    seen, steps, original = [], [], vgpo.step_loss
-    monkeypatch.setattr(
-        vgpo, "step_loss", lambda b, s, adv, idx, *a: seen.append(idx.tolist()) or original(b, s, adv, idx, *a)
-    )
-    optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
-    optimizer.register_step_post_hook(lambda *args: steps.append(1))
-    before = [p.detach().clone() for p in backend.parameters()]
-    record = vgpo.policy_update(backend, batch, advantages, optimizer, sigmas, config, torch.Generator())
-    moved = any(not torch.equal(p, q) for p, q in zip(before, backend.parameters(), strict=True))
-    return record, seen, len(steps), moved
-
-
-def test_samples_with_zero_advantage_are_left_out_of_the_update(monkeypatch):
-    adv = torch.randn(6, 10)
-    adv[[1, 4]] = 0.0  # two samples without signal at any step (a one-score group under GRPO)
-    adv[2, :5] = 0.0  # zero at some steps only: kept
-    record, seen, steps, moved = _toy_update(adv, monkeypatch)
-    trained = {i for idx in seen for i in idx}
-    assert trained == {0, 2, 3, 5} and steps == 2 and moved  # Flow-GRPO's mask, still 2 minibatches
-    assert all(len(idx) == 2 for idx in seen)  # 4 kept samples split into 2 minibatches of 2
-    assert record["trained_frac"] == pytest.approx(4 / 6)
-
-
-def test_a_batch_without_signal_makes_no_update_even_with_the_kl_term(monkeypatch):
-    record, seen, steps, moved = _toy_update(torch.zeros(6, 10), monkeypatch, beta=0.04)
-    assert (seen, steps, moved, record["trained_frac"]) == ([], 0, False, 0.0)
-    assert math.isnan(record["loss"])  # nothing was trained: no loss to report, not a false 0
-
-
-# ---------------------------------------------------------------------------- Flow-GRPO fidelity (ac4c86e)
-
-
-def _reference_mask(advantages, trained, num_batches, pick):
-    """Flow-GRPO ac4c86e scripts/train_sd3.py:740 and 797-808, transcribed: the advantages repeated over the
-    trained columns, the mask of rows with a non-zero sum, then `pick(false_indices, n)` of the others set True
-    until the count divides by the number of batches (when there are enough)."""
-    mask = advantages[:, :trained].abs().sum(dim=1) != 0
-    true_count = int(mask.sum())
-    if true_count % num_batches:
-        false_indices = torch.where(~mask)[0]
-        num_to_change = num_batches - true_count % num_batches
-        if len(false_indices) >= num_to_change:
-            mask[pick(false_indices, num_to_change)] = True
-    return mask
-
-
-@pytest.mark.parametrize(
-    "kept,total,num_minibatches", [([0, 3, 5], 6, 2), ([2, 6], 8, 4), ([0, 1, 2, 3], 6, 2), ([1], 3, 2)]
-)
-def test_minibatches_pad_the_kept_samples_as_flow_grpo(kept, total, num_minibatches):
-    adv = torch.zeros(total, 10)
-    adv[kept, 3] = 1.0
-    adv[[i for i in range(total) if i not in kept][:1], 9] = 2.0  # signal only at the untrained last step
-    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    parts = vgpo.minibatches(adv, 9, num_minibatches, g1)
-    chosen = torch.cat(parts).sort().values
-    # the same random picks as ours: the first draw of the generator permutes the idle samples
-    expected = _reference_mask(adv, 9, num_minibatches, lambda f, n: f[torch.randperm(len(f), generator=g2)[:n]])
-    assert chosen.tolist() == torch.nonzero(expected).flatten().tolist()
-    assert set(kept) <= set(chosen.tolist()) and len(parts) == num_minibatches
-    assert len({len(p) for p in parts}) == 1  # equal minibatches, none empty
-    assert vgpo.minibatches(torch.zeros(total, 10), 9, num_minibatches, g1) == []  # decision 13: no step
-
-
-def test_two_kept_samples_and_four_minibatches_make_four_real_steps(monkeypatch):
-    # before: tensor_split gave two empty minibatches and AdamW still stepped on zero gradients
-    adv = torch.zeros(6, 10)
-    adv[[1, 4]] = torch.randn(2, 10)
-    record, seen, steps, moved = _toy_update(adv, monkeypatch, num_minibatches=4)
-    per_step = [tuple(idx) for idx in seen[::9]]  # 9 trained steps per minibatch
-    assert steps == 4 == record["optimizer_steps"] and all(len(idx) == 1 for idx in per_step)
-    assert {1, 4} <= {i for idx in per_step for i in idx} and moved  # 2 kept + 2 padded, no empty step
-    assert record["trained_frac"] == pytest.approx(2 / 6)
-
-
-def test_micro_batches_accumulate_the_gradient_of_the_whole_minibatch(monkeypatch):
-    grads, sizes, original = {}, {}, vgpo.step_loss
-    for micro in (0, 1, 2):
-        spy = lambda b, s, adv, idx, *a, m=micro: (
-            sizes.setdefault(m, set()).add(len(idx)) or original(b, s, adv, idx, *a)
+def test_an_unreadable_checkpoint_is_named(tmp_path, capsys):
+    vgpo.train(vgpo.toy_config(iterations=1, toy_pretrain_steps=200, eval_samples=16, output_dir=str(tmp_path)))
+    data = (tmp_path / "checkpoint.pt").read_bytes()
+    (tmp_path / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # truncated
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        vgpo.main(
+            ["--iterations", "2", "--toy_pretrain_steps", "200", "--eval_samples", "16", "--resume", str(tmp_path)]
         )
-        monkeypatch.setattr(vgpo, "step_loss", spy)
-        config = vgpo.toy_config(toy_pretrain_steps=200, num_minibatches=1, micro_batch=micro, beta=0.04)
-        backend = vgpo.build_backend(config)
-        reward = vgpo.checked_reward(backend.load_reward(config.reward), config.reward)
-        sigmas = backend.sigmas(config.num_steps)
-        batch = vgpo.rollout(backend, [0, 0, 0, 1, 1], sigmas, 0.7, reward, torch.Generator().manual_seed(1), True)
-        optimizer = torch.optim.SGD(backend.parameters(), lr=0.0)
-        params = backend.parameters()
-        optimizer.register_step_pre_hook(
-            lambda opt, *a, m=micro, ps=params: grads.__setitem__(m, torch.cat([p.grad.flatten().clone() for p in ps]))
-        )
-        adv = torch.randn(5, config.num_steps, generator=torch.Generator().manual_seed(2))
-        vgpo.policy_update(backend, batch, adv, optimizer, sigmas, config, torch.Generator().manual_seed(3))
-    assert sizes == {0: {5}, 1: {1}, 2: {2, 1}}  # forwards of the whole minibatch, of 1, of 2 + 2 + 1
-    scale = grads[0].abs().max().item()
-    assert scale > 0
-    for micro in (1, 2):
-        torch.testing.assert_close(grads[micro], grads[0], rtol=1e-4, atol=1e-5 * scale)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"cannot read {tmp_path / 'checkpoint.pt'}" in err and len(err.splitlines()) == 1
 
 
-def test_small_gpu_preset_makes_num_minibatches_optimizer_steps():
-    preset = {k: v for k, v in vgpo.PRESETS["small-gpu"].items() if k not in ("resolution", "offload_text_encoders")}
-    config = tiny_config(**preset, iterations=1, num_steps=2, reward="jpeg_incompressibility")
-    steps, record = _count_optimizer_steps(config)
-    assert config.micro_batch == 4 and steps == config.num_minibatches == record["optimizer_steps"] == 2
+def _killed_at(iteration, monkeypatch):
+    original = vgpo.train_iteration
+
+    def dying(*args, **kwargs):
+        if args[5] == iteration:
+            raise KeyboardInterrupt("killed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(vgpo, "train_iteration", dying)
+    return original
 
 
-def test_a_flat_group_has_exactly_zero_relative_advantage():
-    # 24 samples at 0.8 and at 1/3: float rounding of the mean used to leave |A| ~ 2e-7 for 0.8
-    values = torch.stack([torch.full((24, 3), 0.8), torch.full((24, 3), 1 / 3), torch.rand(24, 3)])  # (3, 24, 3)
-    for global_std in (True, False):
-        rel = vgpo.relative_advantage(values, global_std)
-        assert torch.equal(rel[:2], torch.zeros(2, 24, 3)) and (rel[2] != 0).all()
-    adv = vgpo.grpo_advantages(values[..., 0], 4)  # (3, 24, 4)
-    assert vgpo.has_signal(rearrange(adv, "n g t -> (n g) t")).view(3, 24).all(1).tolist() == [False, False, True]
-    anchored = vgpo.vgpo_advantages(values, 1.0, 2, 0.9, weights=torch.ones_like(values))
-    assert (anchored[:2, :, :2] != 0).all()  # the anchor keeps a flat group in the update (VGPO's point)
-
-
-def test_ema_updates_once_per_optimizer_step_and_the_reference_pattern_differs():
-    # decision 14. Parameters p_n = n after optimizer step n; decay 0.9, every 8: updates after steps 7 and 15,
-    # with d_7 = 8/17, d_15 = 16/25. Once per step (ours): 3.7059, then 7.7718. Flow-GRPO ac4c86e calls
-    # ema.step after every accumulated micro-batch (train_sd3.py:954-955) with the optimizer step count:
-    # with 2 micro-batches per step each due update is applied twice (5.4498, then 11.088)
-    p = torch.zeros(1)
-    ema = vgpo.EMA([p], 0.9, 8)
-    for n in range(1, 16):
-        p.fill_(n)
-        ema.update([p])
-    d7, d15 = 8 / 17, 16 / 25
-    ours = (0 + (1 - d7) * 7) * d15 + (1 - d15) * 15
-    assert ema.shadow[0].item() == pytest.approx(ours) and ours == pytest.approx(7.7718, abs=1e-4)
-    twice = 0.0
-    for n, d in ((7, d7), (15, d15)):
-        for _ in range(2):
-            twice = twice + (1 - d) * (n - twice)
-    assert twice == pytest.approx(11.088, abs=1e-3)
-
-
-def test_prompt_encoding_is_chunked_cached_on_the_cpu_with_one_negative(tmp_path, monkeypatch):
-    lines = [f'a sign that says "{i:04d}"' for i in range(1000)]
-    (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
-    from diffusers import StableDiffusion3Pipeline
-
-    sizes, original = [], StableDiffusion3Pipeline.encode_prompt
-    monkeypatch.setattr(
-        StableDiffusion3Pipeline,
-        "encode_prompt",
-        lambda self, p, *a, **k: sizes.append(len(p)) or original(self, p, *a, **k),
+@pytest.mark.parametrize("model", ["tiny", "shapes"])
+def test_kill_and_resume_equals_an_uninterrupted_run_beyond_the_toy(model, tmp_path, monkeypatch, shapes_weights):
+    # tiny: killed in iteration 1 of 2, resumed; shapes: a first run of 1 iteration resumed to 2 (more iterations)
+    extra = dict(shapes_weights=shapes_weights, num_steps=3, group_size=2, prompts_per_iteration=2,
+                 eval_samples=4, eval_steps=3, reward="jpeg_compressibility") if model == "shapes" else {}  # fmt: skip
+    make = lambda **k: (tiny_config if model == "tiny" else lambda **f: vgpo.Config(model="shapes", **f))(  # noqa: E731
+        **{**extra, "checkpoint_every": 1, "ema": True, "ema_every": 1, **k}
     )
-    backend = vgpo.build_backend(tiny_config(prompt_file=str(tmp_path / "p.txt"), offload_text_encoders=True))
-    assert sum(sizes) == 1001 and max(sizes) <= backend.encode_batch  # every prompt once, and the empty one
-    assert len(backend.cache) == 1001 and all(t.device.type == "cpu" for row in backend.cache.values() for t in row)
-    assert backend.pipe.text_encoder is None
-    a, b = backend.encode(lines[:3]), backend.encode(lines[500:502])
-    assert a["neg_embeds"].shape[0] == 3 and a["neg_embeds"].untyped_storage().data_ptr() == (
-        b["neg_embeds"].untyped_storage().data_ptr()
-    )  # one negative, expanded
-    pipe = tiny.tiny_sd3_pipeline(32)  # the same random weights (seed 0)
-    for i in (0, 500, 999):
-        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
-            lines[i], lines[i], lines[i], do_classifier_free_guidance=True, max_sequence_length=16
-        )
-        got = backend.encode([lines[i]])
-        torch.testing.assert_close(got["embeds"], embeds, rtol=1e-5, atol=1e-5)  # alone = in a chunk of 64
-        torch.testing.assert_close(got["pooled"], pooled, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got["neg_embeds"], neg, rtol=1e-5, atol=1e-5)  # the pipeline's own negative
-        torch.testing.assert_close(got["neg_pooled"], neg_pooled, rtol=1e-5, atol=1e-5)
-
-
-def test_offloading_encodes_every_prompt_before_the_transformer_moves(monkeypatch):
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-
-    events, encode, to = [], StableDiffusion3Pipeline.encode_prompt, SD3Transformer2DModel.to
-    free = backends.SD3Backend.free_text_encoders
-
-    def record(name, fn):
-        return lambda self, *a, **k: events.append(name) or fn(self, *a, **k)
-
-    monkeypatch.setattr(StableDiffusion3Pipeline, "encode_prompt", record("encode", encode))
-    monkeypatch.setattr(SD3Transformer2DModel, "to", record("transformer", to))
-    monkeypatch.setattr(backends.SD3Backend, "free_text_encoders", lambda self: free(self) or events.append("freed"))
-    backend = vgpo.build_backend(tiny_config(offload_text_encoders=True))
-    assert backend.pipe.text_encoder is None and "transformer" in events
-    last_encode = max(i for i, e in enumerate(events) if e == "encode")
-    assert last_encode < events.index("freed") < events.index("transformer")
-
-
-def test_kl_ref_is_nan_not_zero_without_the_kl_term():
-    config = vgpo.toy_config(beta=0.0, toy_pretrain_steps=200, prompts_per_iteration=2, group_size=2)
-    assert math.isnan(_count_optimizer_steps(config)[1]["kl_ref"])
-
-
-def test_ode_step_draws_no_noise_and_no_density():
-    x, v = torch.randn(4, 3), torch.randn(4, 3)
-    state = torch.get_rng_state()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        x_next, log_prob, _, _ = vgpo.sde_step_with_logprob(v, x, 0.6, 0.4, 0.0)
-    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is untouched
-    torch.testing.assert_close(x_next, x + v * (0.4 - 0.6))
-    assert torch.equal(log_prob, torch.zeros(4))
-
-
-def test_prompts_of_a_batch_are_distinct_while_there_are_enough():
-    pool = list("abcdefg")
-    for seed in range(5):
-        drawn = backends.draw_prompts(pool, 5, torch.Generator().manual_seed(seed))
-        assert len(set(drawn)) == 5
-        drawn = backends.draw_prompts(pool, 10, torch.Generator().manual_seed(seed))
-        assert sorted(drawn.count(p) for p in pool) == [1, 1, 1, 1, 2, 2, 2]
-    assert sorted(backends.ToyBackend(vgpo.toy_config(toy_pretrain_steps=10)).prompts(8, torch.Generator())) == [
-        0, 0, 1, 1, 2, 2, 3, 3
-    ]  # fmt: skip
-
-
-def test_python_config_builds_the_command_lines_run():
-    assert vgpo.parse_args(["--lr", "0.1"])[0] == vgpo.Config(lr=0.1)
-    assert vgpo.Config(model="toy").clip_range == 0.2 and vgpo.Config(model="toy").group_size == 8
-    assert vgpo.parse_args(["--model", "tiny"])[0] == vgpo.Config(model="tiny")
-    assert vgpo.parse_args(["--method", "grpo"])[0] == vgpo.Config(**vgpo.PRESETS["grpo"])
-    hub = ["--model", "org/sd", "--preset", "small-gpu"]
-    assert vgpo.parse_args(hub)[0] == vgpo.Config(model="org/sd", **vgpo.PRESETS["small-gpu"])
-    with pytest.raises(ValueError, match="resolution=512.*at most 256"):
-        vgpo.Config(model="tiny", resolution=512)
-    with pytest.raises(TypeError, match="unknown fields"):
-        vgpo.Config(learning_rate=1.0)
-    history = vgpo.train(vgpo.Config(model="tiny", iterations=1))
-    assert math.isfinite(history[-1]["eval_reward"])
-
-
-def test_vae_decodes_in_float32_and_in_chunks(monkeypatch):
-    monkeypatch.setattr(backends, "model_dtype", lambda device: torch.bfloat16)  # as on a GPU
-    backend = vgpo.build_backend(tiny_config())
-    assert backend.pipe.transformer.dtype == torch.bfloat16 and backend.pipe.vae.dtype == torch.float32
-    latents = backend.noise(5, torch.Generator().manual_seed(0))
-    whole = backend.decode(latents)
-    backend.config.decode_batch = 2
-    torch.testing.assert_close(backend.decode(latents), whole, rtol=1e-5, atol=1e-5)
-    with torch.no_grad():  # the float32 decode itself, by hand
-        vae = backend.pipe.vae
-        by_hand = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
-    torch.testing.assert_close(whole, (by_hand / 2 + 0.5).clamp(0, 1), rtol=1e-5, atol=1e-5)
-
-
-def test_sigmas_follow_the_loaded_schedulers_config():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    backend = vgpo.build_backend(tiny_config())
-    backend.pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, shift_terminal=0.1)
-    expected = FlowMatchEulerDiscreteScheduler(shift=3.0, shift_terminal=0.1)  # the configured shift wins
-    expected.set_timesteps(10)
-    torch.testing.assert_close(backend.sigmas(10), expected.sigmas.float())
-    assert not torch.allclose(backend.sigmas(10), backends.sigma_schedule(10, 3.0))
-
-
-def test_guidance_one_runs_the_conditional_branch_only_and_train_cfg_off_trains_on_it():
-    backend = vgpo.build_backend(tiny_config(guidance_scale=1.0))
-    rows = []
-    backend.pipe.transformer.register_forward_pre_hook(
-        lambda module, args, kwargs: rows.append(len(kwargs["hidden_states"])), with_kwargs=True
-    )
-    cond = backend.encode(["a sign"] * 3)
-    x = backend.noise(3, torch.Generator().manual_seed(0))
-    v = backend.velocity(x, 0.5, cond)
-    assert rows == [3]
-    backend.config.guidance_scale, backend.config.train_cfg = 4.5, False
-    torch.testing.assert_close(backend.velocity(x, 0.5, cond, train=True), v)  # cond only in training
-    assert rows[-1] == 3 and len(backend.velocity(x, 0.5, cond)) == 3 and rows[-1] == 6  # the rollout guides
-
-
-# ---------------------------------------------------------------------------- rewards off the critical path
-
-
-def _slow_reward(seconds, threads):
-    def reward_fn(points, prompts):
-        threads.add(__import__("threading").current_thread().name)
-        time.sleep(seconds)  # a remote or CPU reward model's latency
-        return torch.exp(-points.float().square().sum(-1))  # (B,)
-
-    return reward_fn
-
-
-class _VelocityCalls:
-    """Wraps a backend: counts velocity calls, and lets a reward wait until a given call has been made."""
-
-    def __init__(self, backend):
-        import threading
-
-        self.backend, self.calls, self.changed = backend, 0, threading.Condition()
-
-    def __getattr__(self, name):
-        return getattr(self.backend, name)
-
-    def velocity(self, *args, **kwargs):
-        with self.changed:
-            self.calls += 1
-            self.changed.notify_all()
-        return self.backend.velocity(*args, **kwargs)
-
-    def wait_for(self, calls, timeout):
-        with self.changed:
-            return self.changed.wait_for(lambda: self.calls >= calls, timeout)
-
-
-def test_reward_workers_give_the_inline_rewards_in_step_order_and_overlap():
-    # the rollout's velocity calls: 1 at the noise, then k + 2 after step k. Step k's reward is submitted after
-    # call k + 2 and waits for call k + 3 (the sampler's next step): scored inline it blocks the sampler and can
-    # only time out; scored by workers the sampler runs on and it never waits in vain
-    backend = _VelocityCalls(backends.ToyBackend(vgpo.toy_config(toy_pretrain_steps=200)))
-    sigmas, T, batches, timed_out = backend.sigmas(6), 6, {}, {}
-    for workers in (0, 6):
-        timed_out[workers], step, names = [], [0], set()
-
-        def reward(points, prompts, timed_out=timed_out[workers], step=step, names=names):
-            k, step[0] = step[0], step[0] + 1
-            names.add(__import__("threading").current_thread().name)
-            if k + 3 <= T and not backend.wait_for(k + 3, timeout=0.3):
-                timed_out.append(k)
-            return torch.exp(-points.float().square().sum(-1))  # (B,)
-
-        batches[workers] = vgpo.rollout(
-            backend, [0, 1] * 4, sigmas, 0.7, reward, torch.Generator().manual_seed(0), True, workers
-        )
-        assert any(n.startswith("reward") for n in names) == (workers > 0)  # scored in worker threads
-    assert timed_out == {0: [0, 1, 2, 3], 6: []}
-    assert torch.equal(batches[0].rewards, batches[6].rewards) and torch.equal(batches[0].latents, batches[6].latents)
-
-
-# ---------------------------------------------------------------------------- what a training run gives a practitioner
-
-
-def test_ema_reproduces_flow_grpos_schedule_on_a_concrete_sequence():
-    p = torch.nn.Parameter(torch.zeros(()))
-    ema = vgpo.EMA([p], decay=0.9, every=8)
-    expected = 0.0
-    for n in range(1, 41):  # optimizer step n sets the parameter to n
-        with torch.no_grad():
-            p.fill_(float(n))
-        ema.update([p])
-        if (n + 1) % 8 == 0:  # Flow-GRPO: update after steps 7, 15, 23, 31, 39
-            d = min((1 + n) / (10 + n), 0.9)
-            expected = d * expected + (1 - d) * n
-    torch.testing.assert_close(ema.shadow[0], torch.tensor(expected))
-    assert expected == pytest.approx(20.316, abs=1e-3)  # by hand: 3.706, 7.772, 11.925, 16.112, 20.316
-    with ema.applied([p]):
-        assert p.item() == pytest.approx(expected)
-    assert p.item() == 40.0  # the trained weights come back
+    full = vgpo.train(make(iterations=2, output_dir=str(tmp_path / "full")))
+    if model == "tiny":
+        original = _killed_at(1, monkeypatch)
+        with pytest.raises(KeyboardInterrupt):
+            vgpo.train(make(iterations=2, output_dir=str(tmp_path / "cut")))  # dies in iteration 1
+        monkeypatch.setattr(vgpo, "train_iteration", original)
+    else:
+        vgpo.train(make(iterations=1, output_dir=str(tmp_path / "cut")))  # a whole run of 1 iteration
+    resumed = vgpo.train(make(iterations=2, resume=str(tmp_path / "cut")))
+    assert len(resumed) == len(full) == 2
+    assert ("eval_reward" in resumed[0]) == (model == "shapes") and "eval_reward" not in full[0]
+    for a, b in zip(resumed, full, strict=True):
+        for key in set(a) & set(b) - {"seconds"}:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, nan_ok=True), key
+    states = [torch.load(str(tmp_path / d / "checkpoint.pt"), weights_only=False) for d in ("full", "cut")]
+    assert states[0]["lora"].keys() == states[1]["lora"].keys() and all("lora_" in n for n in states[0]["lora"])
+    for name in states[0]["lora"]:
+        torch.testing.assert_close(states[1]["lora"][name], states[0]["lora"][name], rtol=1e-5, atol=1e-7)
 
 
 def test_metrics_stream_curves_and_summary(tmp_path, capsys):
@@ -1241,36 +1560,101 @@ def test_tensorboard_gets_scalars_and_grids_and_is_named_when_missing(tmp_path, 
         tiny_config(output_dir=str(tmp_path), tensorboard=True)
 
 
-@pytest.mark.parametrize(
-    "argv,flag",
-    [
-        (["--group_size", "1"], "--group_size: invalid value 1: must be >= 2"),
-        (["--model", "tiny", "--resolution", "512"], "--resolution: invalid value 512"),
-        (["--lr", "fast"], "--lr: invalid float value: 'fast'"),
-        (["--method", "ppo"], "--method: invalid choice: 'ppo'"),
-    ],
-)
-def test_command_line_errors_are_one_line_with_status_2(argv, flag, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        vgpo.main(argv)
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and flag in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+# --- torch.distributed (gloo, CPU): 2 ranks equal 1
 
 
-def test_an_unreadable_checkpoint_is_named(tmp_path, capsys):
-    vgpo.train(vgpo.toy_config(iterations=1, toy_pretrain_steps=200, eval_samples=16, output_dir=str(tmp_path)))
-    data = (tmp_path / "checkpoint.pt").read_bytes()
-    (tmp_path / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # truncated
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        vgpo.main(
-            ["--iterations", "2", "--toy_pretrain_steps", "200", "--eval_samples", "16", "--resume", str(tmp_path)]
-        )
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and f"cannot read {tmp_path / 'checkpoint.pt'}" in err and len(err.splitlines()) == 1
+def test_two_gloo_ranks_give_the_history_of_one_process(tmp_path):
+    fields = dict(iterations=3, toy_pretrain_steps=300, eval_samples=64, prompts_per_iteration=4, group_size=4)
+    args = [word for k, v in fields.items() for word in (f"--{k}", str(v))]  # two groups per rank
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    vgpo.train(vgpo.Config(model="toy", output_dir=one, **fields))  # the same run in this one process
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "vgpo.py"]
+    cwd = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([*torchrun, *args, "--output_dir", two], capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for a, b in zip(_history(one), _history(two), strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
 
 
-# ---------------------------------------------------------------------------- shapes: grammar and GenEval-style reward
+CASES = {"one rank holds nothing": [0, 1, 2, 3], "padded across ranks": [1, 5, 6]}  # rows with a signal, of 8
+
+
+def _distributed_update(rank, world, init_file, out):
+    """policy_update on 8 toy samples (2 groups of 4, one per rank), for each of CASES; saves LoRA and records."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    config = vgpo.toy_config(toy_pretrain_steps=200, group_size=4, prompts_per_iteration=2, beta=0.04)
+    results = {}
+    for case, kept in CASES.items():
+        backend = vgpo.build_backend(config)
+        reward = vgpo.checked_reward(backend.load_reward(config.reward), config.reward)
+        sigmas = backend.sigmas(config.num_steps)
+        noise = [vgpo.make_generator(0, 3, 0, i) for i in range(8)]
+        full = vgpo.rollout(backend, [0] * 4 + [1] * 4, sigmas, 0.7, reward, noise, True)
+        rows = slice(4 * rank, 4 * rank + 4) if world > 1 else slice(0, 8)
+        local = vgpo.Rollout(full.prompts[rows], {k: v[rows] for k, v in full.cond.items()}, full.latents[rows],
+                             full.log_probs[rows], full.rewards[rows])  # fmt: skip
+        adv = torch.zeros(8, config.num_steps)
+        adv[kept] = torch.randn(len(kept), config.num_steps, generator=torch.Generator().manual_seed(1))
+        optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
+        offset = 4 * rank if world > 1 else 0
+        record = vgpo.policy_update(backend, local, adv, optimizer, sigmas, config, torch.Generator().manual_seed(7),
+                                    offset, 8)  # fmt: skip
+        results[case] = (runs.lora_state(backend), record)
+    torch.save(results, os.path.join(out, f"{world}_{rank}.pt"))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_distributed_edges_equal_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    _distributed_update(0, 1, "", str(tmp_path))
+    mp.start_processes(  # fork: the children inherit the imports (spawn would import this file twice more)
+        _distributed_update, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+    )
+    one = torch.load(tmp_path / "1_0.pt", weights_only=False)
+    for rank in (0, 1):
+        two = torch.load(tmp_path / f"2_{rank}.pt", weights_only=False)
+        for case in CASES:
+            (lora_1, rec_1), (lora_2, rec_2) = one[case], two[case]
+            assert rec_2["optimizer_steps"] == rec_1["optimizer_steps"] == 2 and rec_2["trained_frac"] == rec_1[
+                "trained_frac"
+            ]  # fmt: skip
+            for name in lora_1:
+                torch.testing.assert_close(lora_2[name], lora_1[name], rtol=1e-4, atol=1e-6)
+            assert any(not torch.equal(v, torch.zeros_like(v)) for n, v in lora_2.items() if "lora_B" in n)  # moved
+
+
+# --- experiments.py (reduced)
+
+
+def test_reduced_experiment_writes_a_well_formed_table_figure_and_runs(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setitem(vgpo.PRESETS, "toy", {**vgpo.PRESETS["toy"], "toy_pretrain_steps": 200, "eval_samples": 32})
+    experiments.main(["methods", "--seeds", "1", "--iterations", "3", "--workers", "1", "--out", str(tmp_path)])
+    runs = json.loads((tmp_path / "toy_methods.json").read_text())
+    assert len(runs) == len(experiments.SETTINGS) * len(experiments.METHODS)
+    assert all(len(r["curve"]) == 3 and 0 <= r["eval_after"] <= 1 for r in runs)
+    table = (tmp_path / "toy_methods.md").read_text().splitlines()
+    assert sum(line.startswith("| ") for line in table) == 1 + len(runs)  # header + one row per run
+    assert Image.open(tmp_path / "toy_methods.png").size[0] > 500
+
+
+def test_benchmark_writes_counts_for_grpo_and_vgpo(tmp_path):
+    experiments.main(["benchmark", "--repeats", "1", "--out", str(tmp_path)])
+    rows = [line.split("|") for line in (tmp_path / "benchmark_tiny_jpeg_compressibility.md").read_text().splitlines()]
+    counts = {r[1].strip(): [float(c) for c in r[5:8]] for r in rows if len(r) > 8 and r[1].strip() in ("GRPO", "VGPO")}
+    assert counts == {"GRPO": [46, 1, 1], "VGPO": [46, 10, 10]}  # 10 rollout + 9 steps x 2 minibatches x 2
+
+
+# --- shapes reward and benchmark
 
 
 def _as_batch(arrays):
@@ -1599,374 +1983,3 @@ def test_shipped_shapes_weights_reach_the_stated_base_accuracy():
     expected = {"single object": 7, "counting": 1, "two objects": 0, "position": 2}  # measured here, seed 0
     for category, count in expected.items():
         assert abs(accuracy[category] * 8 - count) <= 2, (category, accuracy)
-
-
-def test_eval_reward_scores_evaluations_and_not_training():
-    # Before any update the model is the same, so the evaluation with eval_reward="toy_region"
-    # must equal a run trained on toy_region, and differ from one evaluated on toy_mode; the
-    # rollout rewards (training) follow `reward` alone.
-    small = dict(toy_pretrain_steps=200, iterations=1, eval_samples=256)
-    mode = vgpo.train(vgpo.toy_config(reward="toy_mode", **small))[0]
-    region = vgpo.train(vgpo.toy_config(reward="toy_region", **small))[0]
-    mixed = vgpo.train(vgpo.toy_config(reward="toy_mode", eval_reward="toy_region", **small))[0]
-    assert mixed["eval_reward_before"] == region["eval_reward_before"] != mode["eval_reward_before"]
-    assert mixed["reward_mean"] == mode["reward_mean"] != region["reward_mean"]
-    with pytest.raises(vgpo.ConfigError, match="eval_reward"):
-        vgpo.toy_config(eval_reward="ocr")
-    with pytest.raises(vgpo.ConfigError, match="eval_reward"):
-        vgpo.Config(model="shapes", eval_reward="geneval")
-
-
-# ---------------------------------------------------------------------------- wiring of training, checked independently
-
-
-def _perturb_lora(backend, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in backend.parameters():
-            p.copy_(0.05 * torch.randn(p.shape, generator=g))
-
-
-def _velocity_inputs(backend, prompts):
-    x = backend.noise(len(prompts), torch.Generator().manual_seed(0))
-    return x, backend.encode(prompts)
-
-
-@pytest.mark.parametrize("model", ["toy", "tiny", "shapes"])
-def test_reference_is_the_base_model_with_the_adapter_zeroed(model, shapes_weights):
-    fields = {"toy": dict(toy_pretrain_steps=200), "tiny": dict(), "shapes": dict(shapes_weights=shapes_weights)}
-    config = tiny_config() if model == "tiny" else vgpo.Config(model=model, **fields[model])
-    backend = vgpo.build_backend(config)
-    prompts = [0, 1] if model == "toy" else ["a photo of a red circle"] * 2
-    x, cond = _velocity_inputs(backend, prompts)
-    _perturb_lora(backend)
-    with torch.no_grad():
-        adapted = backend.velocity(x, 0.6, cond)
-        with backend.reference():
-            reference = backend.velocity(x, 0.6, cond)
-        for name, p in backend.model.named_parameters():  # lora_B zero: the adapter adds nothing
-            if "lora_B" in name:
-                p.zero_()
-        base = backend.velocity(x, 0.6, cond)
-    assert not torch.allclose(adapted, base, atol=1e-4)  # the perturbation moves the policy
-    torch.testing.assert_close(reference, base)  # the reference does not move with it
-
-
-def test_kl_to_the_reference_is_positive_after_an_update():
-    config = vgpo.toy_config(toy_pretrain_steps=200, beta=0.04, iterations=2, eval_samples=16)
-    history = vgpo.train(config)
-    assert history[0]["kl_ref"] > 0 and history[1]["kl_ref"] > history[0]["kl_ref"] * 0.1
-    assert math.isnan(vgpo.train(vgpo.toy_config(toy_pretrain_steps=200, beta=0.0, iterations=1, eval_samples=16))[0][
-        "kl_ref"
-    ])  # fmt: skip
-
-
-# instant rewards of N = 2 groups of G = 3, T = 3 steps; group 2 ends at 0 everywhere (GRPO's flat group)
-_R = np.array([[0.2, 0.5, 1.0], [0.1, 0.0, 0.0], [0.4, 0.4, 1.0], [0.0, 0.0, 0.0], [0.3, 0.6, 0.0], [0.0, 0.2, 0.0]])
-
-
-def _advantages_by_hand(method, R=_R, G=3, gamma=0.9, kappa=0.5, anchor_steps=1, global_std=True, eps=1e-4, clip=5.0):
-    """SPEC sections 3-4 in float64 numpy, written apart from vgpo: (advantages (B, T), diagnostics)."""
-    dense, weights_on, anchored = {
-        "GRPO": (False, False, False), "weights only": (False, True, False), "TCRM": (True, True, False),
-        "anchor only": (False, False, True), "VGPO": (True, True, True),
-    }[method]  # fmt: skip
-    B, T = R.shape
-    Q = np.zeros_like(R)
-    for k in reversed(range(T)):
-        Q[:, k] = R[:, k] + gamma * (Q[:, k + 1] if k + 1 < T else 0)
-    fallback = (Q.mean(1) <= eps) | (Q < 0).any(1)
-    w = (
-        np.where(fallback[:, None], 1.0, Q / np.maximum(Q.mean(1, keepdims=True), eps))
-        if weights_on
-        else np.ones_like(R)
-    )
-    values, g = (Q, gamma) if dense else (np.repeat(R[:, -1:], T, 1), 0.0)
-    rel = np.zeros_like(R)
-    for k in range(T):
-        for n in range(B // G):
-            grp = values[G * n : G * n + G, k]
-            std = values[:, k].std() if global_std else grp.std()  # ddof 0
-            rel[G * n : G * n + G, k] = 0 if np.all(grp == grp[0]) else (grp - grp.mean()) / (std + eps)
-    disc = np.array([sum(g**j for j in range(T - k)) for k in range(T)])
-    anchor = kappa * values / disc * (np.arange(T) < anchor_steps) if anchored else np.zeros_like(R)
-    adv = np.clip(w * (rel + anchor), -clip, clip)
-    flat = np.mean([np.all(R[G * n : G * n + G, -1] == R[G * n, -1]) for n in range(B // G)])
-    info = dict(zero_std_ratio=flat, adv_rel_abs=np.abs(w * rel).mean(), adv_anchor_abs=np.abs(w * anchor).mean())
-    info["weight_fallback_frac"] = fallback.mean() if weights_on else 0.0  # row 3 of _R: all zero
-    return adv, info
-
-
-@pytest.mark.parametrize("method", ["GRPO", "weights only", "TCRM", "anchor only", "VGPO"])
-def test_batch_advantages_of_every_method_by_hand(method):
-    overrides = {**experiments.METHODS[method], "kappa": 0.5 if "anchor" in method or method == "VGPO" else 0.0}
-    config = vgpo.toy_config(num_steps=3, group_size=3, prompts_per_iteration=2, global_std=True, **overrides)
-    instant = config.dense_values or config.use_weights
-    rewards = torch.tensor(_R if instant else _R[:, -1:], dtype=torch.float32)
-    adv, info = vgpo.batch_advantages(rewards, config)
-    expected, diagnostics = _advantages_by_hand(method)
-    np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-5, atol=1e-6)
-    for key, value in diagnostics.items():
-        assert info[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
-    if method == "GRPO":
-        assert (adv[3:] == 0).all()  # the flat group carries nothing
-
-
-def test_policy_update_gradient_is_the_mean_loss_over_trained_steps_in_one_graph(monkeypatch):
-    config = vgpo.toy_config(toy_pretrain_steps=200, num_minibatches=1, beta=0.04, timestep_fraction=0.5,
-                             max_grad_norm=1e9)  # fmt: skip
-    backend = vgpo.build_backend(config)
-    reward = vgpo.checked_reward(backend.load_reward(config.reward), config.reward)
-    sigmas, a = backend.sigmas(config.num_steps), config.noise_level
-    batch = vgpo.rollout(backend, [0, 0, 1, 1], sigmas, a, reward, torch.Generator().manual_seed(1), True)
-    _perturb_lora(backend, 3)  # off-policy, so the ratio and the KL both carry gradients
-    adv = torch.randn(4, config.num_steps, generator=torch.Generator().manual_seed(2))
-    # the expected gradient: Eq. 8 + KL, mean over the first int(10 * 0.5) = 5 steps and the 4 samples, one graph
-    total = 0
-    for k in range(5):
-        x, x_next = batch.latents[:, k], batch.latents[:, k + 1]
-        v = backend.velocity(x, sigmas[k], batch.cond, train=True)
-        _, lp, mean, std = vgpo.sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], a, x_next=x_next)
-        with torch.no_grad(), backend.reference():
-            ref = vgpo.sde_step_with_logprob(backend.velocity(x, sigmas[k], batch.cond), x, sigmas[k], sigmas[k + 1], a,
-                                             x_next=x_next)[2]  # fmt: skip
-        loss = vgpo.clipped_policy_loss(lp, batch.log_probs[:, k], adv[:, k], config.clip_range)[0]
-        total = total + loss + config.beta * vgpo.kl_to_reference(mean, ref, std).mean()
-    backend.model.zero_grad()
-    (total / 5).backward()
-    expected = torch.cat([p.grad.flatten().clone() for p in backend.parameters()])
-    seen, original = [], vgpo.step_loss
-    monkeypatch.setattr(vgpo, "step_loss", lambda *args: seen.append(args[4]) or original(*args))
-    grads = []
-    for clip in (1e9, 0.5 * expected.norm().item()):
-        config.max_grad_norm = clip
-        optimizer = torch.optim.SGD(backend.parameters(), lr=0.0)
-        optimizer.register_step_pre_hook(
-            lambda *_: grads.append(torch.cat([p.grad.flatten().clone() for p in backend.parameters()]))
-        )
-        vgpo.policy_update(backend, batch, adv, optimizer, sigmas, config, torch.Generator().manual_seed(0))
-    assert seen == [0, 1, 2, 3, 4] * 2  # the trained steps: the first int(T * timestep_fraction)
-    torch.testing.assert_close(grads[0], expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
-    torch.testing.assert_close(grads[1], expected / 2, rtol=1e-4, atol=1e-6 * expected.abs().max().item())  # clipped
-
-
-def test_trainer_ema_steps_once_per_optimizer_step_and_serves_evaluation_and_export(tmp_path, monkeypatch):
-    emas, checks = [], []
-
-    class Spy(vgpo.EMA):
-        def __init__(self, *a):
-            super().__init__(*a)
-            self.updates = 0
-            emas.append(self)
-
-        def update(self, params):
-            self.updates += 1
-            super().update(params)
-
-    monkeypatch.setattr(vgpo, "EMA", Spy)
-    evaluate = vgpo.evaluate
-
-    def spying_evaluate(backend, *a, **k):  # at each evaluation the weights in place are the EMA's
-        checks.append(all(torch.equal(p, s) for p, s in zip(backend.parameters(), emas[0].shadow, strict=True)))
-        return evaluate(backend, *a, **k)
-
-    monkeypatch.setattr(vgpo, "evaluate", spying_evaluate)
-    config = vgpo.toy_config(toy_pretrain_steps=200, iterations=2, eval_samples=16, ema=True, ema_every=1,
-                             output_dir=str(tmp_path))  # fmt: skip
-    history = vgpo.train(config)
-    assert emas[0].updates == sum(h["optimizer_steps"] for h in history) == 4 and checks == [True, True]
-    from safetensors.torch import load_file
-
-    exported = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
-    names = list(runs.lora_state(vgpo.build_backend(config)))  # the order of backend.parameters()
-    assert len(exported) == len(names) == len(emas[0].shadow)
-    for name, shadow in zip(names, emas[0].shadow, strict=True):  # peft drops the adapter name on export
-        torch.testing.assert_close(exported[name.replace(".default", "")], shadow)
-    emas.clear()
-    flat = dataclasses.replace(config, output_dir="", iterations=1, dense_values=False, kappa=0.0, weighting="off")
-    flat = vgpo.train(flat, reward_fn=lambda x, p: torch.ones(len(p)))
-    assert flat[0]["optimizer_steps"] == 0 and emas[0].updates == 0  # a skipped update moves no EMA
-
-
-def _killed_at(iteration, monkeypatch):
-    original = vgpo.train_iteration
-
-    def dying(*args, **kwargs):
-        if args[5] == iteration:
-            raise KeyboardInterrupt("killed")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(vgpo, "train_iteration", dying)
-    return original
-
-
-@pytest.mark.parametrize("model", ["tiny", "shapes"])
-def test_kill_and_resume_equals_an_uninterrupted_run_beyond_the_toy(model, tmp_path, monkeypatch, shapes_weights):
-    # tiny: killed in iteration 1 of 2, resumed; shapes: a first run of 1 iteration resumed to 2 (more iterations)
-    extra = dict(shapes_weights=shapes_weights, num_steps=3, group_size=2, prompts_per_iteration=2,
-                 eval_samples=4, eval_steps=3, reward="jpeg_compressibility") if model == "shapes" else {}  # fmt: skip
-    make = lambda **k: (tiny_config if model == "tiny" else lambda **f: vgpo.Config(model="shapes", **f))(  # noqa: E731
-        **{**extra, "checkpoint_every": 1, "ema": True, "ema_every": 1, **k}
-    )
-    full = vgpo.train(make(iterations=2, output_dir=str(tmp_path / "full")))
-    if model == "tiny":
-        original = _killed_at(1, monkeypatch)
-        with pytest.raises(KeyboardInterrupt):
-            vgpo.train(make(iterations=2, output_dir=str(tmp_path / "cut")))  # dies in iteration 1
-        monkeypatch.setattr(vgpo, "train_iteration", original)
-    else:
-        vgpo.train(make(iterations=1, output_dir=str(tmp_path / "cut")))  # a whole run of 1 iteration
-    resumed = vgpo.train(make(iterations=2, resume=str(tmp_path / "cut")))
-    assert len(resumed) == len(full) == 2
-    assert ("eval_reward" in resumed[0]) == (model == "shapes") and "eval_reward" not in full[0]
-    for a, b in zip(resumed, full, strict=True):
-        for key in set(a) & set(b) - {"seconds"}:
-            assert a[key] == pytest.approx(b[key], rel=1e-5, nan_ok=True), key
-    states = [torch.load(str(tmp_path / d / "checkpoint.pt"), weights_only=False) for d in ("full", "cut")]
-    assert states[0]["lora"].keys() == states[1]["lora"].keys() and all("lora_" in n for n in states[0]["lora"])
-    for name in states[0]["lora"]:
-        torch.testing.assert_close(states[1]["lora"][name], states[0]["lora"][name], rtol=1e-5, atol=1e-7)
-
-
-def _run_with_timeout(fn, seconds=60):
-    """fn() in a thread; (finished, its exception or None): a hang shows as finished False."""
-    import threading
-
-    out = {}
-    thread = threading.Thread(target=lambda: out.update(error=_catch(fn)), daemon=True)
-    thread.start()
-    thread.join(seconds)
-    return not thread.is_alive(), out.get("error")
-
-
-def _catch(fn):
-    try:
-        fn()
-    except Exception as err:  # returned to the test, which names what it expects
-        return err
-    return None
-
-
-def test_an_exception_in_a_reward_worker_surfaces_by_name_without_hanging():
-    backend = backends.ToyBackend(vgpo.toy_config(toy_pretrain_steps=200))
-    calls = []
-
-    def failing(points, prompts):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("reward server unreachable")
-        return torch.zeros(len(prompts))
-
-    sigmas = backend.sigmas(6)
-    finished, error = _run_with_timeout(
-        lambda: vgpo.rollout(backend, [0, 1], sigmas, 0.7, failing, torch.Generator().manual_seed(0), True, 4)
-    )
-    assert finished and isinstance(error, RuntimeError) and "reward server unreachable" in str(error)
-
-
-def test_concurrent_ocr_calls_sharing_one_pool_give_the_sequential_scores():
-    from concurrent.futures import ThreadPoolExecutor
-
-    reward = rewards.load_reward("ocr", threads=2)
-    words = ["HELLO", "COFFEE", "GARDEN", "RIVER", "MUSIC", "BOOKS"]
-    batches = [
-        (torch.stack([experiments.render_text(w, 128) for w in words[i : i + 2]]), [f'a sign "{w}"' for w in words[:2]])
-        for i in (0, 2, 4)
-    ]
-    sequential = [reward(images, prompts) for images, prompts in batches]
-    with ThreadPoolExecutor(3) as pool:  # three calls at once, as three steps' rewards in the trainer
-        concurrent = list(pool.map(lambda b: reward(*b), batches))
-    for a, b in zip(sequential, concurrent, strict=True):
-        assert torch.equal(a, b)
-    assert sequential[0][0] > 0.5  # the first image does read HELLO
-
-
-def test_cli_precedence_presets_flags_and_the_optional_integer(tmp_path):
-    small = ["--model", "random-sd3.5-medium", "--preset", "small-gpu"]  # parsed only, nothing is built
-    c, _ = vgpo.parse_args(small)
-    assert c.micro_batch == 4 and c.group_size == 8 and c.gradient_checkpointing and c.resolution == 512
-    c, _ = vgpo.parse_args([*small, "--micro_batch", "2", "--group_size", "6"])
-    assert (c.micro_batch, c.group_size, c.prompts_per_iteration) == (2, 6, 2)  # the flag wins, the rest stays
-    assert vgpo.parse_args(["--anchor_steps", "3"])[0].anchor_steps == 3
-    assert vgpo.parse_args([])[0].anchor_steps == vgpo.Config().num_steps // 2  # None: num_steps // 2
-    assert vgpo.parse_args(["--model", "random-sd3.5-medium"])[0].ema is True
-    assert vgpo.parse_args(["--model", "random-sd3.5-medium", "--no-ema"])[0].ema is False
-    assert vgpo.parse_args(["--model", "toy", "--ema"])[0].ema is True  # over the toy preset's False
-    # a resumed shapes run writes where it was, not in the preset's runs/shapes
-    (tmp_path / "checkpoint.pt").write_bytes(b"")
-    assert vgpo.parse_args(["--model", "shapes", "--resume", str(tmp_path)])[0].output_dir == str(tmp_path)
-    assert vgpo.Config(model="shapes", resume=str(tmp_path)).output_dir == str(tmp_path)
-
-
-CASES = {"one rank holds nothing": [0, 1, 2, 3], "padded across ranks": [1, 5, 6]}  # rows with a signal, of 8
-
-
-def _distributed_update(rank, world, init_file, out):
-    """policy_update on 8 toy samples (2 groups of 4, one per rank), for each of CASES; saves LoRA and records."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    if world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    config = vgpo.toy_config(toy_pretrain_steps=200, group_size=4, prompts_per_iteration=2, beta=0.04)
-    results = {}
-    for case, kept in CASES.items():
-        backend = vgpo.build_backend(config)
-        reward = vgpo.checked_reward(backend.load_reward(config.reward), config.reward)
-        sigmas = backend.sigmas(config.num_steps)
-        noise = [vgpo.make_generator(0, 3, 0, i) for i in range(8)]
-        full = vgpo.rollout(backend, [0] * 4 + [1] * 4, sigmas, 0.7, reward, noise, True)
-        rows = slice(4 * rank, 4 * rank + 4) if world > 1 else slice(0, 8)
-        local = vgpo.Rollout(full.prompts[rows], {k: v[rows] for k, v in full.cond.items()}, full.latents[rows],
-                             full.log_probs[rows], full.rewards[rows])  # fmt: skip
-        adv = torch.zeros(8, config.num_steps)
-        adv[kept] = torch.randn(len(kept), config.num_steps, generator=torch.Generator().manual_seed(1))
-        optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
-        offset = 4 * rank if world > 1 else 0
-        record = vgpo.policy_update(backend, local, adv, optimizer, sigmas, config, torch.Generator().manual_seed(7),
-                                    offset, 8)  # fmt: skip
-        results[case] = (runs.lora_state(backend), record)
-    torch.save(results, os.path.join(out, f"{world}_{rank}.pt"))
-    if world > 1:
-        dist.destroy_process_group()
-
-
-def test_distributed_edges_equal_one_process(tmp_path):
-    import torch.multiprocessing as mp
-
-    _distributed_update(0, 1, "", str(tmp_path))
-    mp.start_processes(  # fork: the children inherit the imports (spawn would import this file twice more)
-        _distributed_update, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="fork"
-    )
-    one = torch.load(tmp_path / "1_0.pt", weights_only=False)
-    for rank in (0, 1):
-        two = torch.load(tmp_path / f"2_{rank}.pt", weights_only=False)
-        for case in CASES:
-            (lora_1, rec_1), (lora_2, rec_2) = one[case], two[case]
-            assert rec_2["optimizer_steps"] == rec_1["optimizer_steps"] == 2 and rec_2["trained_frac"] == rec_1[
-                "trained_frac"
-            ]  # fmt: skip
-            for name in lora_1:
-                torch.testing.assert_close(lora_2[name], lora_1[name], rtol=1e-4, atol=1e-6)
-            assert any(not torch.equal(v, torch.zeros_like(v)) for n, v in lora_2.items() if "lora_B" in n)  # moved
-
-
-def test_value_steps_one_is_the_projection_and_n_steps_cost_n_minus_one_calls_each():
-    config = tiny_config(num_steps=4)
-    backend = experiments.CountingBackend(vgpo.build_backend(config))
-    x, cond = backend.noise(2, torch.Generator().manual_seed(0)), backend.encode(["a sign"] * 2)
-    v = backend.velocity(x, 0.6, cond)
-    torch.testing.assert_close(vgpo.ode_completion(backend, x, v, 0.6, cond, 1), vgpo.project_x0(x, v, 0.6))
-    # three Euler steps by hand on the grid 0.6, 0.4, 0.2, 0
-    by_hand = x + v * -0.2
-    by_hand = by_hand + backend.velocity(by_hand, 0.4, cond) * -0.2
-    by_hand = by_hand + backend.velocity(by_hand, 0.2, cond) * -0.2
-    torch.testing.assert_close(vgpo.ode_completion(backend, x, v, 0.6, cond, 3), by_hand, rtol=1e-5, atol=1e-5)
-    calls = {}
-    for n in (1, 3):
-        backend.calls = dict.fromkeys(backend.calls, 0)
-        reward = backend.counted_reward(vgpo.checked_reward(backend.load_reward(config.reward), config.reward))
-        sigmas = backend.sigmas(4)
-        vgpo.rollout(backend, ["a", "b"], sigmas, 0.7, reward, torch.Generator().manual_seed(0), True, 0, n)
-        calls[n] = backend.calls["velocity"]
-    assert calls == {1: 4, 3: 4 + 3 * 2}  # T velocity calls, plus (n - 1) for each of the T - 1 projections
