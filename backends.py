@@ -1,28 +1,28 @@
-"""The models behind vgpo's backend interface: the CPU toy, SD3(.5) through diffusers, and the shapes UNet.
+"""The models behind vgpo's trainer: the CPU toy, SD3(.5) through diffusers, and the shapes UNet.
 
-A backend is what `vgpo.rollout`, `vgpo.policy_update` and `vgpo.train` call (the interface is
-described above `vgpo.rollout`): prompts and their encoding, noise, the velocity (guided, with
-gradients when training), decoding to the reward's inputs, the reference policy (the LoRA adapter
-disabled), the trainable parameters and saving them. `build_backend(config)` picks one by
-`config.model`. This file also holds the sigma schedule, the LoRA set-up, and ConfigError, the
-error a setting that cannot run raises (the CLI prints it as one line naming the flag).
+`Backend` is the interface `vgpo.rollout`, `vgpo.policy_update` and `vgpo.train` call: prompts and
+their encoding, noise, the velocity (guided, with gradients when training), decoding to the reward's
+inputs, the reference policy (the LoRA adapter disabled), the trainable parameters and saving them.
+Each backend also checks the Config fields that concern it (`check_config`) and refuses, with a
+ConfigError naming the field, a setting it cannot honour. `build_backend(config)` picks one by
+`config.model`. This file also holds the sigma schedule, the LoRA set-up, and ConfigError (the CLI
+prints it as one line naming the flag). Heavy imports (diffusers' pipelines, the rewards, the shapes
+model, OpenCV) happen inside the backend that needs them: the toy loads none of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
 import os
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn as nn
-from diffusers import FlowMatchEulerDiscreteScheduler
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-import rewards
 import shapes
-import shapes_model
 import tiny
 
 # ------------------------------------------------------------------------------------------------
@@ -39,12 +39,20 @@ class ConfigError(ValueError):
         self.field, self.value, self.allowed = field, value, allowed
 
 
+def require(ok: bool, config, field: str, allowed: str) -> None:
+    """Raise a ConfigError naming `field`, its value in `config` and what is allowed, unless ok."""
+    if not ok:
+        raise ConfigError(field, getattr(config, field), allowed)
+
+
 def sigma_schedule(num_steps: int, shift: float, scheduler_config=None) -> torch.Tensor:
     """sig_0 = 1 > ... > sig_T = 0, exactly as diffusers' FlowMatchEulerDiscreteScheduler (SD3.5).
 
     scheduler_config: a loaded pipeline's `scheduler.config` (its other settings are kept, its
     shift replaced by `shift`); None: the scheduler's defaults (decision 10).
     """
+    from diffusers import FlowMatchEulerDiscreteScheduler  # lazy: diffusers' import costs seconds
+
     if scheduler_config is None:
         scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     else:
@@ -68,6 +76,8 @@ def draw_prompts(pool: list, n: int, generator) -> list:
 
 def add_lora(module: nn.Module, rank: int, alpha: int, targets: list[str], seed: int):
     """Wrap `module` in a peft LoRA adapter (gaussian init from `seed`, as Flow-GRPO); base frozen."""
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
     with torch.random.fork_rng(devices=[]):  # the init depends on the seed alone, not on the global RNG
         torch.manual_seed(seed)
@@ -80,6 +90,80 @@ def randn(shape, generator, device) -> torch.Tensor:
         return torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generator]).to(device)
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+
+# ------------------------------------------------------------------------------------------------
+# The backend interface
+# ------------------------------------------------------------------------------------------------
+
+
+class Backend(ABC):
+    """What vgpo's trainer calls. A subclass sets `config`, `device` and `model` (its network inside
+    the peft adapter of `add_lora`) and implements the abstract methods; the LoRA methods are shared.
+
+    `unsupported` names the Config fields the backend cannot honour: set away from their default,
+    `check_config` raises a ConfigError naming the field (never silently ignored). Subclasses extend
+    `check_config` with their own limits; it runs before anything loads.
+    """
+
+    config: object
+    device: torch.device
+    model: nn.Module  # the network inside its peft LoRA adapter
+    unsupported: tuple[str, ...] = ()
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """A ConfigError for a field this backend cannot honour or a value beyond its limits."""
+        defaults = {f.name: f.default for f in dataclasses.fields(config)}
+        for field in cls.unsupported:
+            allowed = f"the {config.model!r} model cannot honour it (leave it at {defaults[field]!r})"
+            require(getattr(config, field) == defaults[field], config, field, allowed)
+
+    @abstractmethod
+    def load_reward(self, spec: str, field: str = "reward"):
+        """The reward `spec` as fn(inputs, prompts) -> (B,) float32; a bad spec: ConfigError on `field`."""
+
+    @abstractmethod
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """The schedule sig_0 = 1 > ... > sig_T = 0, (T+1,)."""
+
+    @abstractmethod
+    def prompts(self, n: int, generator) -> list:
+        """n training prompts, distinct while there are enough (decision 11)."""
+
+    @abstractmethod
+    def eval_prompts(self, n: int) -> list:
+        """n held-out prompts for evaluation, the same every time."""
+
+    @abstractmethod
+    def encode(self, prompts) -> dict:
+        """The prompts' conditioning tensors, batch first, on the device."""
+
+    @abstractmethod
+    def noise(self, batch: int, generator) -> torch.Tensor:
+        """States at sigma 1 from one generator or one per sample (a list), (B, D...)."""
+
+    @abstractmethod
+    def velocity(self, x, sigma, cond, train: bool = False) -> torch.Tensor:
+        """The (guided) velocity at x, (B, D...); with gradients to the LoRA weights when train."""
+
+    @abstractmethod
+    def decode(self, x0):
+        """Data x0 (B, D...) -> the reward's inputs (images (B, 3, H, W) in [0, 1], or the toy's points)."""
+
+    # LoRA, shared by every backend
+
+    def reference(self):
+        """A context in which the network is the base model (the adapter disabled): Eq. 8's reference."""
+        return self.model.disable_adapter()
+
+    def parameters(self) -> list:
+        """The trainable (LoRA) tensors."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def save(self, directory: str):
+        """The LoRA weights (the peft adapter) into `directory`."""
+        self.model.save_pretrained(directory)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,8 +258,24 @@ def toy_region_reward(num_conditions: int, num_modes: int, radius: float = 0.5):
 TOY_REWARDS = {"toy_mode": toy_mode_reward, "toy_region": toy_region_reward}
 
 
-class ToyBackend:
-    """The 2-D toy behind the backend interface; the policy is the MLP with a peft LoRA adapter."""
+class ToyBackend(Backend):
+    """The 2-D toy behind the backend interface; the policy is the MLP with a peft LoRA adapter, on the CPU."""
+
+    unsupported = (  # image and text settings: the toy has neither
+        "resolution", "guidance_scale", "train_cfg", "cfg_detach_uncond", "decode_batch", "prompt_file",
+        "max_sequence_length", "gradient_checkpointing", "offload_text_encoders", "reward_threads",
+        "shapes_weights", "shapes_prompts",
+    )  # fmt: skip
+
+    @classmethod
+    def check_config(cls, c) -> None:
+        super().check_config(c)
+        require(c.device in ("auto", "cpu"), c, "device", "the toy runs on the CPU: auto or cpu")
+        require(c.toy_conditions >= 1, c, "toy_conditions", "must be >= 1")
+        require(c.toy_modes >= 1, c, "toy_modes", "must be >= 1")
+        require(c.toy_spread > 0, c, "toy_spread", "must be > 0")
+        for field in ("reward", "eval_reward") if c.eval_reward else ("reward",):
+            require(getattr(c, field) in TOY_REWARDS, c, field, f"the toy's rewards are {sorted(TOY_REWARDS)}")
 
     def __init__(self, config):
         self.config = config
@@ -213,15 +313,6 @@ class ToyBackend:
 
     def decode(self, x0):
         return x0  # the toy reward reads points
-
-    def reference(self):
-        return self.model.disable_adapter()
-
-    def parameters(self):
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def save(self, directory: str):
-        self.model.save_pretrained(directory)  # the peft adapter
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,17 +389,91 @@ def model_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-class SD3Backend:
+TOY_FIELDS = ("toy_conditions", "toy_modes", "toy_spread", "toy_pretrain_steps")
+
+
+class GuidedBackend(Backend):
+    """A text-conditioned network with classifier-free guidance, scored by rewards.py: the shared part
+    of SD3Backend and ShapesBackend. A subclass gives `cond_keys`, `network` and `held_out` prompts.
+
+    The guided velocity v = v_u + g (v_c - v_u) drives the sampler; training recomputes it through
+    both branches, as Flow-GRPO's paper-era and latest code, or with v_u detached when
+    cfg_detach_uncond (its commits 2d76907..ac4c86e, scripts/train_sd3.py:190; decision 9).
+    """
+
+    cond_keys: tuple[str, ...]  # the conditioning tensors of one branch; "neg_" + key: the unconditional's
+    held_out: list  # the evaluation prompts
+
+    @classmethod
+    def check_config(cls, c) -> None:
+        super().check_config(c)
+        require(c.resolution >= 16 and c.resolution % 16 == 0, c, "resolution", "must be a multiple of 16")
+        import rewards  # lazy: OpenCV and PIL, which the toy never needs
+
+        for field in ("reward", "eval_reward") if c.eval_reward else ("reward",):
+            try:
+                rewards.parse_spec(getattr(c, field))
+            except ValueError as err:
+                raise ConfigError(field, getattr(c, field), str(err)) from None
+
+    def load_reward(self, spec: str, field: str = "reward"):
+        import rewards
+
+        return rewards.load_reward(spec, self.device, self.config.reward_threads)
+
+    def eval_prompts(self, n):
+        return [self.held_out[i % len(self.held_out)] for i in range(n)]
+
+    def velocity(self, x, sigma, cond, train=False):
+        """Both networks predict the velocity: the guided output itself (see `guided`)."""
+        return self.guided(x, sigma, cond, train)
+
+    def guided(self, x, sigma, cond, train=False):
+        """The network's guided output, float32: o_u + g (o_c - o_u), both branches in one batched forward.
+
+        The conditional branch alone at guidance 1, and in training when train_cfg is off
+        (Flow-GRPO's train.cfg = False). Training detaches o_u only when cfg_detach_uncond (decision 9).
+        """
+        c = self.config
+        guided = c.guidance_scale != 1 and (c.train_cfg or not train)
+        branches = ["neg_", ""] if guided else [""]
+        inputs = {key: torch.cat([cond[b + key] for b in branches]) for key in self.cond_keys}  # (2B|B, ...)
+        t = torch.as_tensor(sigma, dtype=torch.float32, device=self.device) * 1000
+        x_in = torch.cat([x] * len(branches)).to(self.dtype)  # (2B|B, C, H, W)
+        out = self.network(x_in, t.expand(len(x_in)), inputs).float()  # (2B|B, C, H, W)
+        if not guided:
+            return out  # (B, C, H, W)
+        o_uncond, o_cond = out.chunk(2)  # (B, C, H, W) each
+        if train and c.cfg_detach_uncond:
+            o_uncond = o_uncond.detach()
+        return o_uncond + c.guidance_scale * (o_cond - o_uncond)  # (B, C, H, W)
+
+    @abstractmethod
+    def network(self, x, t, cond):
+        """One forward: x (b, C, H, W), t (b,) in [0, 1000], cond of `cond_keys` -> the velocity."""
+
+
+class SD3Backend(GuidedBackend):
     """SD3(.5) behind the backend interface: frozen VAE and text encoders, LoRA on the transformer.
 
-    The guided velocity v = v_u + g (v_c - v_u) drives the sampler; training recomputes it with the
-    unconditional branch detached, as Flow-GRPO (ac4c86e, scripts/train_sd3.py:190; decision 9).
     Prompt embeddings are cached off the accelerator and moved per batch. With offload_text_encoders
     every prompt is encoded, and the encoders freed, before the transformer reaches the accelerator,
     so the two never share its memory (SD3.5-Medium: 15.4 GiB together in bf16).
     """
 
     encode_batch = 64  # prompts per text-encoder call: bounds the encoders' activation memory
+    unsupported = (*TOY_FIELDS, "shapes_weights", "shapes_prompts")
+    cond_keys = ("embeds", "pooled")
+
+    @classmethod
+    def check_config(cls, c) -> None:
+        super().check_config(c)
+        require(c.max_sequence_length >= 1, c, "max_sequence_length", "must be >= 1")
+        if c.model == "tiny":
+            top = tiny.max_resolution(tiny.TINY_SD3)
+            require(
+                c.resolution <= top, c, "resolution", f"the tiny model's position embedding covers at most {top} px"
+            )
 
     def __init__(self, config):
         self.config = config
@@ -344,17 +509,11 @@ class SD3Backend:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def load_reward(self, spec: str, field: str = "reward"):
-        return rewards.load_reward(spec, self.device, self.config.reward_threads)
-
     def sigmas(self, num_steps):
         return sigma_schedule(num_steps, self.config.shift, self.pipe.scheduler.config)
 
     def prompts(self, n, generator):
         return draw_prompts(self.train_prompts, n, generator)
-
-    def eval_prompts(self, n):
-        return [self.held_out[i % len(self.held_out)] for i in range(n)]
 
     @torch.no_grad()
     def _encode_new(self, prompts) -> list:
@@ -393,32 +552,6 @@ class SD3Backend:
         shape = (batch, self.pipe.transformer.config.in_channels, side, side)
         return randn(shape, generator, self.device)  # (B, C, H, W)
 
-    def velocity(self, x, sigma, cond, train=False):
-        """SD3 predicts the velocity: the guided output itself (see `guided`)."""
-        return self.guided(x, sigma, cond, train)
-
-    def guided(self, x, sigma, cond, train=False):
-        """The network's guided output, float32: o_u + g (o_c - o_u), both branches in one batched forward.
-
-        The conditional branch alone at guidance 1, and in training when train_cfg is off
-        (Flow-GRPO's train.cfg = False). Training detaches o_u only when cfg_detach_uncond (decision 9).
-        """
-        c = self.config
-        guided = c.guidance_scale != 1 and (c.train_cfg or not train)
-        branches = ["neg_", ""] if guided else [""]
-        inputs = {key: torch.cat([cond[b + key] for b in branches]) for key in self.cond_keys}  # (2B|B, ...)
-        t = torch.as_tensor(sigma, dtype=torch.float32, device=self.device) * 1000
-        x_in = torch.cat([x] * len(branches)).to(self.dtype)  # (2B|B, C, H, W)
-        out = self.network(x_in, t.expand(len(x_in)), inputs).float()  # (2B|B, C, H, W)
-        if not guided:
-            return out  # (B, C, H, W)
-        o_uncond, o_cond = out.chunk(2)  # (B, C, H, W) each
-        if train and c.cfg_detach_uncond:
-            o_uncond = o_uncond.detach()
-        return o_uncond + c.guidance_scale * (o_cond - o_uncond)  # (B, C, H, W)
-
-    cond_keys = ("embeds", "pooled")  # the conditioning tensors of one branch; "neg_" + key: the unconditional
-
     def network(self, x, t, cond):
         """One forward of the transformer: x (b, C, H, W), t (b,) in [0, 1000], cond of `cond_keys`."""
         return self.model(
@@ -435,15 +568,10 @@ class SD3Backend:
         images = torch.cat([vae.decode(part, return_dict=False)[0] for part in latents.split(size)])  # (B, 3, H, W)
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
-    def reference(self):
-        return self.model.disable_adapter()
-
-    def parameters(self):
-        return [p for p in self.model.parameters() if p.requires_grad]
-
     def save(self, directory: str):
         """LoRA weights in the diffusers format: StableDiffusion3Pipeline.load_lora_weights(directory)."""
         from diffusers import StableDiffusion3Pipeline
+        from peft import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(self.model)  # keys start with the PeftModel's "base_model.model."
         layers = {key.removeprefix("base_model.model."): value for key, value in state.items()}
@@ -463,13 +591,28 @@ def shapes_prompt_list(spec: str) -> list[str]:
     return [p.strip() for p in spec.split(";") if p.strip()]
 
 
-class ShapesBackend(SD3Backend):
-    """The shapes model behind the backend interface (prompts, rewards, reference and parameters as
-    SD3Backend's): shapes_model.py's UNet in pixel space, LoRA on its self- and cross-attention
-    projections, classifier-free guidance as SD3Backend's. The network predicts the velocity, as
-    SD3's; decode only rescales pixels from [-1, 1] to [0, 1] (VGPO's T decodes cost nothing)."""
+class ShapesBackend(GuidedBackend):
+    """The shapes model behind the backend interface: shapes_model.py's UNet in pixel space on the CPU,
+    LoRA on its self- and cross-attention projections, classifier-free guidance as SD3's (GuidedBackend).
+    The network predicts the velocity; decode only rescales pixels from [-1, 1] to [0, 1] (VGPO's T
+    decodes cost nothing)."""
+
+    unsupported = (  # SD3's memory settings (no text encoders, no VAE) and the toy's fields
+        "offload_text_encoders", "max_sequence_length", "gradient_checkpointing", "decode_batch", *TOY_FIELDS,
+    )  # fmt: skip
+    cond_keys = ("embeds",)
+
+    @classmethod
+    def check_config(cls, c) -> None:
+        super().check_config(c)
+        require(c.device in ("auto", "cpu"), c, "device", "the shapes model runs on the CPU: auto or cpu")
+        require(c.resolution == shapes.SIZE, c, "resolution", f"the shapes model is {shapes.SIZE} px")
+        ok = c.shapes_prompts == "grammar" or bool(shapes_prompt_list(c.shapes_prompts))
+        require(ok, c, "shapes_prompts", "'grammar' or prompts separated by ';'")
 
     def __init__(self, config):
+        import shapes_model  # lazy: diffusers' UNet
+
         path = config.shapes_weights or os.path.join(
             os.path.dirname(os.path.abspath(__file__)), "shapes_base.safetensors"
         )
@@ -506,10 +649,10 @@ class ShapesBackend(SD3Backend):
     def sigmas(self, num_steps):
         return sigma_schedule(num_steps, self.config.shift)
 
-    cond_keys = ("embeds",)
-
     @torch.no_grad()
     def encode(self, prompts):
+        import shapes_model
+
         embeds = self.encoder(shapes_model.tokenize(prompts))  # (B, L, E)
         return {"embeds": embeds, "neg_embeds": self.encoder(shapes_model.tokenize([""] * len(prompts)))}
 
@@ -523,15 +666,17 @@ class ShapesBackend(SD3Backend):
     def decode(self, x0):
         return ((x0.float().clamp(-1, 1) + 1) / 2).clamp(0, 1)  # pixels in [0, 1]
 
-    def save(self, directory: str):
-        self.model.save_pretrained(directory)  # the peft adapter
+
+def backend_class(model: str) -> type[Backend]:
+    """The backend of `Config.model`: the CPU toy, the shapes UNet, or SD3.5 (tiny, hub id or directory)."""
+    return {"toy": ToyBackend, "shapes": ShapesBackend}.get(model, SD3Backend)
 
 
-def build_backend(config):
-    """The model behind the backend interface: the CPU toy, the shapes MMDiT, or SD3.5 (tiny, hub
-    id or directory)."""
-    if config.model == "toy":
-        return ToyBackend(config)
-    if config.model == "shapes":
-        return ShapesBackend(config)
-    return SD3Backend(config)
+def check_config(config) -> None:
+    """The configured backend's checks (`Backend.check_config`), before anything loads."""
+    backend_class(config.model).check_config(config)
+
+
+def build_backend(config) -> Backend:
+    """The model behind the backend interface, built from `config`."""
+    return backend_class(config.model)(config)

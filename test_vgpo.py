@@ -1,6 +1,8 @@
 """Tests in three tiers: closed forms of each equation, invariants, end-to-end training runs."""
 
+import ast
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -247,6 +249,22 @@ def test_grpo_population_std_by_hand():
     torch.testing.assert_close(adv[1], torch.tensor([1.0, 1.0, -1.0, -1.0]) * 0.15 / (0.15 + 1e-4))
 
 
+@pytest.mark.parametrize("G", [8, 24])
+def test_a_flat_group_whose_float32_mean_is_inexact_has_exactly_zero_relative_advantage(G):
+    # Decision 15 exercised: a value whose float32 mean over the group is not the value itself (about half
+    # of random values for G = 8 or 24), so (Q - mean) / (std + eps) alone would leave a signal.
+    draws = torch.rand(256, generator=torch.Generator().manual_seed(G))
+    value = next(float(v) for v in draws if torch.full((1, G, 1), float(v)).mean(dim=1).item() != float(v))
+    values = torch.cat([torch.full((1, G, 1), value), torch.rand(1, G, 1, generator=torch.Generator())])  # (2, G, 1)
+    assert values.mean(dim=1, keepdim=True)[0].item() != value  # inexact, as relative_advantage computes it
+    for global_std in (True, False):
+        relative = vgpo.relative_advantage(values, global_std)  # (2, G, 1)
+        assert (relative[0] == 0).all() and (relative[1] != 0).all(), global_std
+    advantages = vgpo.grpo_advantages(values[..., 0], 10)  # (2, G, 10)
+    assert vgpo.has_signal(advantages[0]).tolist() == [False] * G  # decision 12 drops the flat group
+    assert vgpo.has_signal(advantages[1]).all()
+
+
 def test_a_flat_group_has_exactly_zero_relative_advantage():
     # 24 samples at 0.8 and at 1/3: float rounding of the mean used to leave |A| ~ 2e-7 for 0.8
     values = torch.stack([torch.full((24, 3), 0.8), torch.full((24, 3), 1 / 3), torch.rand(24, 3)])  # (3, 24, 3)
@@ -358,12 +376,19 @@ def _advantages_by_hand(method, R=_R, G=3, gamma=0.9, kappa=0.5, anchor_steps=1,
 
 
 @pytest.mark.parametrize("method", ["GRPO", "weights only", "TCRM", "anchor only", "VGPO"])
-def test_batch_advantages_of_every_method_by_hand(method):
+def test_batch_advantages_of_every_method_by_hand(method, monkeypatch):
     overrides = {**experiments.METHODS[method], "kappa": 0.5 if "anchor" in method or method == "VGPO" else 0.0}
     config = vgpo.toy_config(num_steps=3, group_size=3, prompts_per_iteration=2, global_std=True, **overrides)
     instant = config.dense_values or config.use_weights
     rewards = torch.tensor(_R if instant else _R[:, -1:], dtype=torch.float32)
+    calls = []
+    for name in ("relative_advantage", "anchor_advantage"):  # each term once: the logged ones are those that train
+        original = getattr(vgpo, name)
+        monkeypatch.setattr(vgpo, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
     adv, info = vgpo.batch_advantages(rewards, config)
+    assert sorted(calls) == ["anchor_advantage", "relative_advantage"]
+    assert all(isinstance(v, torch.Tensor) for v in info.values())  # read once, when the trainer logs
+    info = vgpo.logged(info)
     expected, diagnostics = _advantages_by_hand(method)
     np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-5, atol=1e-6)
     for key, value in diagnostics.items():
@@ -392,6 +417,8 @@ def test_loss_gradient_vanishes_where_the_clip_is_active():
     log_prob = torch.tensor([0.5, -0.5, 0.5, 0.01], requires_grad=True)  # r = e^0.5, e^-0.5, e^0.5, ~1
     adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
     loss, info = vgpo.clipped_policy_loss(log_prob, old, adv, c)
+    assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in info.values())  # no .item() inside
+    info = vgpo.logged(info)
     loss.backward()
     assert log_prob.grad[0] == 0 and log_prob.grad[1] == 0  # clipped: no incentive to go further
     assert log_prob.grad[2] != 0 and log_prob.grad[3] != 0  # pessimistic side / inside the clip
@@ -466,6 +493,70 @@ def test_first_ratio_is_one_on_the_tiny_pipeline():
     assert record["onpolicy_ratio_err"] < 1e-5
 
 
+# --- the equation block, copied alone (everything above vgpo.py's end marker)
+
+
+def _equation_block() -> str:
+    source = inspect.getsource(vgpo)
+    return source[: source.index("# End of the equation block")]
+
+
+def _tensors(out) -> list:
+    """A function's outputs as a flat list of tensors (one tensor, or a tuple holding tensors and dicts)."""
+    out = out if isinstance(out, tuple) else (out,)
+    return [t for o in out for t in (o.values() if isinstance(o, dict) else [o])]
+
+
+def test_the_equation_block_runs_alone_with_torch_einops_math_and_warnings_and_matches_vgpo():
+    block = _equation_block()
+    imported = set()
+    for node in ast.walk(ast.parse(block)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+    assert imported == {"__future__", "math", "warnings", "torch", "einops"}
+    copied = {"__name__": "copied"}
+    exec(compile(block, "copied.py", "exec"), copied)  # a fresh namespace: nothing of vgpo, backends or runs
+    public = {n for n, f in copied.items() if inspect.isfunction(f) and f.__module__ == "copied" and n[0] != "_"}
+    assert public == {
+        "sde_step_with_logprob", "project_x0", "cumulative_values", "weight_fallback", "timestep_weights",
+        "relative_advantage", "anchor_advantage", "adae", "vgpo_advantages", "grpo_advantages",
+        "clipped_policy_loss", "kl_to_reference",
+    }  # fmt: skip
+    assert all(copied[name] is not getattr(vgpo, name) for name in public)
+
+    def same(name, *args, seed=None, **kwargs):  # the copy and the module give identical outputs
+        gen = (lambda: {"generator": torch.Generator().manual_seed(seed)}) if seed else dict  # a fresh one each
+        ours, theirs = getattr(vgpo, name)(*args, **kwargs, **gen()), copied[name](*args, **kwargs, **gen())
+        pairs = zip(_tensors(ours), _tensors(theirs), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs), name
+        return ours
+
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(4, 3, 2, 2, generator=g), torch.randn(4, 3, 2, 2, generator=g)
+    for seed in (1, 2):  # sampling from a generator: the same draw in the copy
+        same("sde_step_with_logprob", v, x, 1.0, 0.9, 0.7, seed=seed)
+    x_next = same("sde_step_with_logprob", v, x, 0.6, 0.4, 0.7, noise=torch.randn(4, 3, 2, 2, generator=g))[0]
+    same("sde_step_with_logprob", v, x, 0.6, 0.4, 0.7, x_next=x_next)
+    same("sde_step_with_logprob", v, x, 0.6, 0.4, 0.0)
+    same("project_x0", x, v, torch.tensor([0.1, 0.5, 0.9, 1.0]))
+    rewards = torch.rand(2, 4, 6, generator=g)  # (N, G, T)
+    rewards[0, :, 2] = 0.3  # a flat group at one step
+    values = same("cumulative_values", rewards, 0.9)
+    same("weight_fallback", values - 0.5)
+    same("timestep_weights", values)
+    for global_std in (True, False):
+        same("relative_advantage", values, global_std)
+        same("vgpo_advantages", values, 1.0, 3, 0.9, global_std)
+        same("grpo_advantages", rewards[..., -1], 6, global_std)
+    anchor = same("anchor_advantage", values, 0.5, 3, 0.9)
+    same("adae", vgpo.relative_advantage(values), anchor, vgpo.timestep_weights(values), 5.0)
+    lp = torch.randn(8, generator=g)
+    same("clipped_policy_loss", lp, lp + 0.01 * torch.randn(8, generator=g), torch.randn(8, generator=g), 1e-3)
+    same("kl_to_reference", x, v, torch.full((4, 1, 1, 1), 0.3))
+
+
 # --- Algorithm 1, the update: minibatches, samples without signal, accumulation (decisions 12, 13)
 
 
@@ -498,7 +589,7 @@ def _toy_update(advantages, monkeypatch, **overrides):
     optimizer = torch.optim.AdamW(backend.parameters(), lr=config.lr)
     optimizer.register_step_post_hook(lambda *args: steps.append(1))
     before = [p.detach().clone() for p in backend.parameters()]
-    record = vgpo.policy_update(backend, batch, advantages, optimizer, sigmas, config, torch.Generator())
+    record = vgpo.logged(vgpo.policy_update(backend, batch, advantages, optimizer, sigmas, config, torch.Generator()))
     moved = any(not torch.equal(p, q) for p, q in zip(before, backend.parameters(), strict=True))
     return record, seen, len(steps), moved
 
@@ -535,7 +626,14 @@ def _reference_mask(advantages, trained, num_batches, pick):
 
 
 @pytest.mark.parametrize(
-    "kept,total,num_minibatches", [([0, 3, 5], 6, 2), ([2, 6], 8, 4), ([0, 1, 2, 3], 6, 2), ([1], 3, 2)]
+    "kept,total,num_minibatches",
+    [
+        ([0, 3, 5], 6, 2),
+        ([2, 6], 8, 4),
+        ([0, 1, 2, 3], 6, 2),
+        ([1], 3, 2),
+        pytest.param([0, 1, 2], 4, 2, id="idle-samples-exactly-cover-the-shortfall"),  # pads to 2 + 2, not 2 + 1
+    ],
 )
 def test_minibatches_pad_the_kept_samples_as_flow_grpo(kept, total, num_minibatches):
     adv = torch.zeros(total, 10)
@@ -550,6 +648,16 @@ def test_minibatches_pad_the_kept_samples_as_flow_grpo(kept, total, num_minibatc
     assert set(kept) <= set(chosen.tolist()) and len(parts) == num_minibatches
     assert len({len(p) for p in parts}) == 1  # equal minibatches, none empty
     assert vgpo.minibatches(torch.zeros(total, 10), 9, num_minibatches, g1) == []  # decision 13: no step
+
+
+def test_the_default_timestep_fraction_trains_9_of_10_steps(monkeypatch):
+    config = vgpo.toy_config(toy_pretrain_steps=200)
+    assert (config.num_steps, config.timestep_fraction) == (10, 0.99)  # the paper's T and Flow-GRPO's fraction
+    trained, original = [], vgpo.step_loss
+    monkeypatch.setattr(vgpo, "step_loss", lambda *args: trained.append(args[4]) or original(*args))
+    steps, record = _count_optimizer_steps(config)
+    assert sorted(set(trained)) == list(range(9))  # int(0.99 * 10) = 9: the last step (to sigma 0) is not trained
+    assert len(trained) == 9 * steps == 9 * record["optimizer_steps"]  # one forward per trained step and minibatch
 
 
 def test_two_kept_samples_and_four_minibatches_make_four_real_steps(monkeypatch):
@@ -776,10 +884,11 @@ def _lora_grad(backend, v):
     return torch.cat([p.grad.flatten() for p in backend.parameters()])
 
 
-@pytest.mark.parametrize("detach", [None, False])
-def test_training_cfg_detaches_the_unconditional_branch_as_flow_grpo_ac4c86e(detach):
-    # Flow-GRPO ac4c86e, scripts/train_sd3.py:189-190: compute_log_prob detaches noise_pred_uncond.
-    # The default (None here) does the same; cfg_detach_uncond=False lets gradients through both
+@pytest.mark.parametrize("detach", [None, True])
+def test_training_cfg_trains_both_branches_and_detaches_the_unconditional_one_on_request(detach):
+    # Decision 9: Flow-GRPO's paper-era code (39d3d2c) and its latest (74db691) train through both branches:
+    # the default (None here). cfg_detach_uncond=True is its commits 2d76907..ac4c86e
+    # (scripts/train_sd3.py:190 at ac4c86e): compute_log_prob detaches noise_pred_uncond.
     backend = vgpo.build_backend(tiny_config() if detach is None else tiny_config(cfg_detach_uncond=detach))
     detach = backend.config.cfg_detach_uncond
     cond = backend.encode(["a sign"] * 2)
@@ -798,6 +907,7 @@ def test_training_cfg_detaches_the_unconditional_branch_as_flow_grpo_ac4c86e(det
     grad_cond, grad_uncond = _lora_grad(backend, v_cond), _lora_grad(backend, v_uncond)
     assert grad_uncond.abs().max() > 1e-3 * grad_cond.abs().max()  # the unconditional branch has LoRA gradients
     # d(v_u + g (v_c - v_u)) = g dv_c + (1 - g) dv_u; with v_u detached (the reference) only g dv_c
+    assert vgpo.Config.cfg_detach_uncond is False  # the default: both branches (decision 9)
     expected = g * grad_cond + (0 if detach else (1 - g) * grad_uncond)
     scale = expected.abs().max().item()  # the sum cancels: compare on the gradient's own scale
     torch.testing.assert_close(grad_train, expected, rtol=1e-4, atol=1e-4 * scale)
@@ -1357,12 +1467,55 @@ def test_empty_prompt_file_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "model,field,value",
+    [
+        ("shapes", "offload_text_encoders", True),  # no text encoders to free
+        ("shapes", "gradient_checkpointing", True),
+        ("shapes", "max_sequence_length", 64),  # its tokenizer is its own
+        ("toy", "guidance_scale", 2.0),  # no guidance, no images, no text
+        ("toy", "offload_text_encoders", True),
+        ("toy", "cfg_detach_uncond", True),
+        ("tiny", "toy_modes", 2),  # another backend's fields
+        ("tiny", "shapes_prompts", "a photo of a red circle"),
+    ],
+)
+def test_a_field_the_backend_cannot_honour_is_a_config_error_naming_it(model, field, value):
+    with pytest.raises(vgpo.ConfigError, match=f"Config.{field}=.*cannot honour it") as err:
+        vgpo.Config(model=model, **{field: value})
+    assert err.value.field == field
+
+
+def test_every_backend_implements_the_interface_and_shapes_inherits_nothing_from_sd3():
+    for cls in (backends.ToyBackend, backends.SD3Backend, backends.ShapesBackend):
+        assert issubclass(cls, backends.Backend) and not cls.__abstractmethods__, cls
+    assert not issubclass(backends.ShapesBackend, backends.SD3Backend)  # no SD3 setting it would silently ignore
+    with pytest.raises(TypeError):
+        backends.Backend()  # the interface alone cannot run
+
+
+def test_importing_vgpo_and_building_the_toy_load_no_image_stack():
+    code = (
+        "import sys, vgpo; vgpo.build_backend(vgpo.toy_config(toy_pretrain_steps=1)).sigmas(10); "
+        "print(sorted(m for m in ('rewards', 'cv2', 'shapes_model', 'diffusers.pipelines') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+    )
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
     "argv,flag",
     [
         (["--group_size", "1"], "--group_size: invalid value 1: must be >= 2"),
         (["--model", "tiny", "--resolution", "512"], "--resolution: invalid value 512"),
         (["--lr", "fast"], "--lr: invalid float value: 'fast'"),
         (["--method", "ppo"], "--method: invalid choice: 'ppo'"),
+        (["--model", "shapes", "--offload_text_encoders"], "--offload_text_encoders: invalid value True: the 'shapes'"),
     ],
 )
 def test_command_line_errors_are_one_line_with_status_2(argv, flag, capsys):
@@ -1605,7 +1758,7 @@ def _distributed_update(rank, world, init_file, out):
         offset = 4 * rank if world > 1 else 0
         record = vgpo.policy_update(backend, local, adv, optimizer, sigmas, config, torch.Generator().manual_seed(7),
                                     offset, 8)  # fmt: skip
-        results[case] = (runs.lora_state(backend), record)
+        results[case] = (runs.lora_state(backend), vgpo.logged(record))
     torch.save(results, os.path.join(out, f"{world}_{rank}.pt"))
     if world > 1:
         dist.destroy_process_group()

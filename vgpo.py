@@ -1,97 +1,27 @@
-"""VGPO: Value-Anchored Group Policy Optimization for flow-matching models: the algorithm and its trainer.
+"""VGPO (Value-Anchored Group Policy Optimization) for flow-matching models: the algorithm, then its trainer.
 
-Paper: "Anchoring Values in Temporal and Group Dimensions for Flow Matching Model Alignment"
-(Shao et al., arXiv 2512.12387; ICLR 2026 submission "Value-Anchored Group Policy Optimization
-for Flow Models"). Equation numbers are those of the ICLR version. VGPO is Flow-GRPO
-(Liu et al., arXiv 2505.05470) with two changes to the reward-to-advantage path:
-TCRM (dense per-step values from one-step projections, Eqs. 9-11) and ADAE (a group advantage
-with an absolute anchor, Eqs. 12-13). The file reads in the algorithm's order:
+Paper: Shao et al., arXiv 2512.12387 (ICLR 2026 submission); equation numbers are the ICLR version's. VGPO is
+Flow-GRPO (Liu et al., arXiv 2505.05470) with two changes to the reward-to-advantage path: TCRM (dense per-step
+values from one-step projections, Eqs. 9-11) and ADAE (a group advantage with an absolute anchor, Eqs. 12-13).
+The equation block comes first (Eq. 7 -> Eqs. 9-11 -> Eqs. 12-13 -> Eq. 8): pure tensor functions that need
+torch, einops, math and warnings only, to copy alone. Below its end marker, the trainer: rollout -> batch
+advantages -> update -> training loop -> Config and CLI. Models are in backends.py, bookkeeping in runs.py.
+"Decision N" is item N of README's "Decisions where the paper is silent"; "as Flow-GRPO" means
+yifan123/flow_grpo at commit ac4c86e, scripts/train_sd3.py.
 
-    SDE step and log-prob -> projection and values (TCRM) -> advantages (ADAE) -> loss
-    -> rollout -> batch advantages -> update -> one iteration, training loop -> Config, CLI
-
-The models live in backends.py, the run bookkeeping (checkpoints, metrics, EMA, torchrun) in runs.py.
-"As Flow-GRPO" below means yifan123/flow_grpo at commit ac4c86e, scripts/train_sd3.py.
-
-Shape legend: N prompts per iteration, G samples per prompt (a group), B = N*G, T sampling
-steps, D latent dims (C,H,W for SD3.5; 2 for the toy). Tensors with a group axis are (N, G, ...).
-
-Step index: the paper counts t = T..1 downward; this file counts k = 0..T-1 in sampling order,
-k = T - t. Step k moves the state x_k at sigma_k to x_{k+1} at sigma_{k+1}; sigma_0 = 1 (noise),
-sigma_T = 0. `x0` / `x0hat` always mean data (sigma = 0); the first state (noise) is never x0.
-
-Decisions where the paper is silent (each a Config field where it can be one; README "Decisions"):
-  1. gamma (discount of Eq. 10) = 0.9.                                          Config.gamma
-  2. Eq. 11 weights fall back to 1 for a trajectory whose mean value is <= eps or that has a
-     negative value (logged as weight_fallback_frac; negative values also warn).  Config.eps
-  3. Eq. 13 is reconstructed: alpha = kappa * std (App. B) simplifies the anchor to kappa*Q,
-     which survives std = 0; the anchor is Q divided by its discount-weight sum, so it lives
-     on the reward's scale. kappa = 1.0 (provisional).                          Config.kappa
-  4. The anchor acts on the first T/2 sampling steps (App. A.2: 5 of 10).       Config.anchor_steps
-  5. Group std is the population std (ddof 0), over all N*G samples by default. Config.global_std
-  6. w can be switched apart from the dense values, to separate the two roles of TCRM.
-                                                                                Config.weighting
-  7. A deterministic step (noise level 0) has no density; its log-prob is reported as 0.
-  8. KL to the reference as Flow-GRPO (no |dt| in the denominator); with beta = 0 no reference
-     forward runs and kl_ref is logged as NaN.                                  Config.beta
-  9. The reference policy is the LoRA adapter disabled; training recomputes the guided velocity
-     with the unconditional branch detached, as Flow-GRPO (train_sd3.py:190).   Config.cfg_detach_uncond
- 10. The sigma schedule is diffusers' FlowMatchEulerDiscreteScheduler's, built from the loaded
-     pipeline's scheduler config with the configured shift.                    Config.shift
- 11. Each batch draws distinct prompts while the prompt set has enough (Flow-GRPO's sampler).
- 12. As Flow-GRPO (train_sd3.py:797-808): a sample whose advantage is 0 at every trained step is
-     left out of the update; the kept samples are padded with randomly chosen others to a
-     multiple of the number of minibatches.
- 13. A batch with no signal at all makes no optimizer step (the reference fails on it).
- 14. The EMA is updated once per optimizer step (the reference applies a due update once per
-     accumulated micro-batch: 2x or 4x).                                       Config.ema_every
- 15. A group whose values are all equal at a step has relative advantage exactly 0 there.
-Memory settings (micro_batch, gradient_checkpointing, decode_batch, offload_text_encoders) never
-change the algorithm: micro_batch accumulates gradients within an optimizer step.
+Shapes: N prompts, G samples per prompt (a group), B = N*G, T sampling steps, D latent dims (C,H,W for
+SD3.5; 2 for the toy); tensors with a group axis are (N, G, ...). Steps: the paper counts t = T..1 downward,
+this file k = 0..T-1 in sampling order (k = T - t). Step k moves x_k at sigma_k to x_{k+1} at sigma_{k+1};
+sigma_0 = 1 (noise), sigma_T = 0; `x0` and `x0hat` always mean data (sigma = 0).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import dataclasses
-import functools
-import importlib.util
-import inspect
 import math
-import os
-import re
-import sys
-import time
-import typing
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 from einops import rearrange
-from tqdm.auto import tqdm
-
-import rewards
-import shapes
-import tiny
-from backends import TOY_REWARDS, ConfigError, build_backend, randn, shapes_prompt_list
-from runs import (
-    EMA,
-    RunFiles,
-    StopSignal,
-    all_gather_rows,
-    all_reduce_,
-    all_reduce_gradients,
-    close_distributed,
-    format_metrics,
-    init_distributed,
-    load_checkpoint,
-    rank_and_world,
-    save_checkpoint,
-    save_outputs,
-    summary,
-)
 
 # ------------------------------------------------------------------------------------------------
 # SDE step with log-probability (Eq. 7, Flow-GRPO)
@@ -104,15 +34,17 @@ def _per_sample(s, x: torch.Tensor) -> torch.Tensor:
     return s.reshape(-1, *([1] * (x.ndim - 1)))  # (B or 1, 1, ...)
 
 
-def sde_step_with_logprob(v, x, sigma, sigma_next, noise_level, x_next=None, generator=None):
+def sde_step_with_logprob(v, x, sigma, sigma_next, noise_level, x_next=None, generator=None, noise=None):
     """Eq. 7 (Flow-GRPO): one SDE step x_k -> x_{k+1} and the per-dimension mean log-density.
 
     std_k = a sqrt(sig_k / (1 - sig_k));  mean = x (1 + std_k^2 dt / (2 sig_k))
     + v (1 + std_k^2 (1 - sig_k) / (2 sig_k)) dt;  x_{k+1} = mean + std_k sqrt(-dt) eps.
     Paper <-> code: v_theta <-> v, x_t <-> x, sigma_t <-> sigma, a <-> noise_level.
     At sigma == 1 the denominator uses sigma_next (= sig_1 on the first step, as Flow-GRPO).
-    With x_next given, that action is scored instead of sampled. Float32 throughout.
-    noise_level = 0 is the Euler step x + v dt: no noise is drawn and the log-prob is 0 (decision 7).
+    With x_next given, that action is scored instead of sampled; else eps is `noise` (B, D...) when
+    given, or drawn by torch.randn from `generator` (a torch.Generator, or None: the global one).
+    Float32 throughout. noise_level = 0 is the Euler step x + v dt: no noise is drawn and the log-prob
+    is 0 (decision 7).
     Returns x_next (B, D...), log_prob (B,), mean (B, D...), std_k (B, 1...).
     """
     x, v = x.float(), v.float()
@@ -127,7 +59,10 @@ def sde_step_with_logprob(v, x, sigma, sigma_next, noise_level, x_next=None, gen
     mean = x * (1 + std**2 / (2 * sig) * dt) + v * (1 + std**2 * (1 - sig) / (2 * sig)) * dt
     step_std = std * torch.sqrt(-dt)  # (B|1, 1...), std of the transition
     if x_next is None:
-        x_next = mean + step_std * randn(x.shape, generator, x.device)  # (B, D...)
+        if noise is None:
+            device = generator.device if generator is not None else x.device
+            noise = torch.randn(x.shape, generator=generator, device=device)  # (B, D...)
+        x_next = mean + step_std * noise.to(x.device)  # (B, D...)
     x_next = x_next.float()
     log_density = (
         -((x_next.detach() - mean) ** 2) / (2 * step_std**2) - torch.log(step_std) - 0.5 * math.log(2 * math.pi)
@@ -228,6 +163,15 @@ def anchor_advantage(values, kappa, anchor_steps, gamma):
     return kappa * on * values.float() / disc_sum  # (N, G, T)
 
 
+def adae(relative, anchor, weights, adv_clip=5.0):
+    """Eq. 13's combination: A_k = clamp(w_k * (relative_k + anchor_k), -adv_clip, adv_clip).
+
+    Paper <-> code: w <-> weights (Eq. 11), the two terms of `relative_advantage` and
+    `anchor_advantage` (on_k * kappa * anchor_k). All (N, G, T) -> (N, G, T).
+    """
+    return (weights * (relative + anchor)).clamp(-adv_clip, adv_clip)  # (N, G, T)
+
+
 def vgpo_advantages(values, kappa, anchor_steps, gamma, global_std=True, eps=1e-4, adv_clip=5.0, weights=None):
     """Eq. 13 (ADAE): A_k = clamp(w_k * (relative_k + on_k * kappa * anchor_k), -adv_clip, adv_clip).
 
@@ -238,8 +182,8 @@ def vgpo_advantages(values, kappa, anchor_steps, gamma, global_std=True, eps=1e-
     """
     if weights is None:
         weights = timestep_weights(values, eps)  # (N, G, T)
-    inner = relative_advantage(values, global_std, eps) + anchor_advantage(values, kappa, anchor_steps, gamma)
-    return (weights * inner).clamp(-adv_clip, adv_clip)  # (N, G, T)
+    relative = relative_advantage(values, global_std, eps)  # (N, G, T)
+    return adae(relative, anchor_advantage(values, kappa, anchor_steps, gamma), weights, adv_clip)  # (N, G, T)
 
 
 def grpo_advantages(rewards, num_steps, global_std=True, eps=1e-4, adv_clip=5.0):
@@ -259,18 +203,20 @@ def grpo_advantages(rewards, num_steps, global_std=True, eps=1e-4, adv_clip=5.0)
 def clipped_policy_loss(log_prob, old_log_prob, advantages, clip_range):
     """Eq. 8, one step: mean_i max(-A r, -A clip(r, 1 - eps_c, 1 + eps_c)), r = exp(logp - logp_old).
 
-    (B,) inputs -> scalar loss and info: clipfrac = share of |r - 1| > clip_range,
-    approx_kl = 0.5 mean (logp - logp_old)^2 (Flow-GRPO).
+    (B,) inputs -> scalar loss and info of detached scalar tensors (no device synchronisation):
+    clipfrac = share of |r - 1| > clip_range, approx_kl = 0.5 mean (logp - logp_old)^2 (Flow-GRPO),
+    ratio_err = max |r - 1|.
     """
     diff = log_prob.float() - old_log_prob.float()  # (B,)
     ratio = torch.exp(diff)  # (B,)
     unclipped = -advantages * ratio  # (B,)
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)  # (B,)
     loss = torch.maximum(unclipped, clipped).mean()
+    ratio, diff = ratio.detach(), diff.detach()
     info = {
-        "clipfrac": ((ratio - 1).abs() > clip_range).float().mean().item(),
-        "approx_kl": 0.5 * (diff.detach() ** 2).mean().item(),
-        "ratio_err": (ratio.detach() - 1).abs().max().item(),
+        "clipfrac": ((ratio - 1).abs() > clip_range).float().mean(),
+        "approx_kl": 0.5 * (diff**2).mean(),
+        "ratio_err": (ratio - 1).abs().max(),
     }
     return loss, info
 
@@ -286,15 +232,51 @@ def kl_to_reference(mean, ref_mean, std):
     return sq.mean(dim=tuple(range(1, sq.ndim)))  # (B,)
 
 
+# ================================================================================================
+# End of the equation block. Everything above runs with torch, einops, math and warnings alone
+# (tested): copy it into another trainer as it is. Below, the trainer: it calls the models of
+# backends.py through their interface (backends.Backend) and the bookkeeping of runs.py.
+# ================================================================================================
+
+# The trainer's imports (pyproject.toml allows imports below code in this file, E402).
+import argparse
+import contextlib
+import dataclasses
+import functools
+import importlib.util
+import inspect
+import os
+import re
+import sys
+import time
+import typing
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+import backends
+from backends import ConfigError, build_backend, randn
+from runs import (
+    EMA,
+    RunFiles,
+    StopSignal,
+    all_gather_rows,
+    all_reduce_,
+    all_reduce_gradients,
+    close_distributed,
+    format_metrics,
+    init_distributed,
+    load_checkpoint,
+    rank_and_world,
+    save_checkpoint,
+    save_outputs,
+    summary,
+)
+
 # ------------------------------------------------------------------------------------------------
-# Rollout: SDE sampling with log-probs (Eq. 7) and instant rewards of the projections (Eq. 9)
-#
-# The backend interface (backends.py holds the toy, SD3.5 and shapes backends):
-#   prompts(n, generator) -> n training prompts      eval_prompts(n) -> n held-out prompts
-#   encode(prompts) -> dict of (B, ...) tensors       noise(B, generator) -> (B, D...) states at sigma 1
-#   sigmas(T) -> (T+1,) schedule                     velocity(x, sigma, cond, train=False) -> (B, D...)
-#   decode(x0) -> the reward's inputs                 reference() -> context: the base model (adapter off)
-#   parameters() -> the trainable (LoRA) tensors      load_reward(spec), save(directory)
+# Rollout: SDE sampling with log-probs (Eq. 7) and instant rewards of the projections (Eq. 9).
+# `backend` is a backends.Backend: the toy, SD3.5 or the shapes model.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -380,7 +362,8 @@ def rollout(
     v = backend.velocity(x, sigmas[0], cond)  # (B, D...)
     with reward_pool(workers if instant else 0) as pool:
         for k in range(T):
-            x, log_prob, _, _ = sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], noise_level, generator=generator)
+            eps = randn(x.shape, generator, x.device) if noise_level else None  # (B, D...), eps of Eq. 7
+            x, log_prob, _, _ = sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], noise_level, noise=eps)
             last = k == T - 1
             if not last:
                 v = backend.velocity(x, sigmas[k + 1], cond)  # (B, D...), reused by step k+1
@@ -418,11 +401,12 @@ def evaluate(backend, reward_fn, prompts, num_steps, generator, chunk=64):
 
 
 def batch_advantages(rewards, config: Config):
-    """Instant rewards (B, T) or terminal (B, 1) -> advantages (B, T) and diagnostics.
+    """Instant rewards (B, T) or terminal (B, 1) -> advantages (B, T) and diagnostics (scalar tensors).
 
     dense_values: Q = Eq. 10 of the instant rewards; else Q_k = R_T for every k, whose anchor
     is R_T itself (discount 0). Weights w (Eq. 11) come from the dense values when enabled.
-    dense_values=False, kappa=0, weighting=auto is exactly Flow-GRPO's advantage.
+    dense_values=False, kappa=0, weighting=auto is exactly Flow-GRPO's advantage (`vgpo_advantages`
+    step by step: the two terms are computed once, and the logged ones are those that train).
     """
     c, T = config, config.num_steps
     R = rearrange(rewards, "(n g) t -> n g t", g=c.group_size)  # (N, G, T|1)
@@ -430,16 +414,17 @@ def batch_advantages(rewards, config: Config):
     dense = cumulative_values(R, c.gamma) if R.shape[-1] == T else None  # (N, G, T)
     values, anchor_gamma = (dense, c.gamma) if c.dense_values else (terminal[..., None].expand(-1, -1, T), 0.0)
     weights = timestep_weights(dense, c.eps) if c.use_weights else torch.ones_like(values)  # (N, G, T)
-    adv = vgpo_advantages(values, c.kappa, c.anchor_steps, anchor_gamma, c.global_std, c.eps, c.adv_clip, weights)
-    rel = weights * relative_advantage(values, c.global_std, c.eps)  # (N, G, T), diagnostics only
-    anc = weights * anchor_advantage(values, c.kappa, c.anchor_steps, anchor_gamma)  # (N, G, T)
+    relative = relative_advantage(values, c.global_std, c.eps)  # (N, G, T), Eq. 12
+    anchor = anchor_advantage(values, c.kappa, c.anchor_steps, anchor_gamma)  # (N, G, T), Eq. 13's anchor
+    adv = adae(relative, anchor, weights, c.adv_clip)  # (N, G, T), Eq. 13
+    fallback = weight_fallback(dense, c.eps).float().mean() if c.use_weights else values.new_zeros(())
     info = {
-        "reward_mean": terminal.mean().item(),
-        "value_mean": values.mean().item(),
-        "zero_std_ratio": (terminal == terminal[:, :1]).all(dim=1).float().mean().item(),
-        "adv_rel_abs": rel.abs().mean().item(),
-        "adv_anchor_abs": anc.abs().mean().item(),
-        "weight_fallback_frac": weight_fallback(dense, c.eps).float().mean().item() if c.use_weights else 0.0,
+        "reward_mean": terminal.mean(),
+        "value_mean": values.mean(),
+        "zero_std_ratio": (terminal == terminal[:, :1]).all(dim=1).float().mean(),
+        "adv_rel_abs": (weights * relative).abs().mean(),
+        "adv_anchor_abs": (weights * anchor).abs().mean(),
+        "weight_fallback_frac": fallback,
     }
     return rearrange(adv, "n g t -> (n g) t"), info
 
@@ -450,7 +435,8 @@ def batch_advantages(rewards, config: Config):
 
 
 def step_loss(backend, batch: Rollout, advantages, idx, k, sigmas, config: Config):
-    """Loss of sampling step k on the samples idx: recompute log p of the stored action, Eq. 8 + KL."""
+    """Loss of sampling step k on the samples idx: recompute log p of the stored action, Eq. 8 + KL.
+    Returns the loss and its diagnostics as detached scalar tensors."""
     cond = {name: t[idx] for name, t in batch.cond.items()}
     x, x_next = batch.latents[idx, k], batch.latents[idx, k + 1]  # (b, D...)
     v = backend.velocity(x, sigmas[k], cond, train=True)  # (b, D...), with grad
@@ -463,7 +449,7 @@ def step_loss(backend, batch: Rollout, advantages, idx, k, sigmas, config: Confi
             ref_mean = sde_step_with_logprob(v_ref, x, sigmas[k], sigmas[k + 1], config.noise_level, x_next=x_next)[2]
         kl = kl_to_reference(mean, ref_mean, std)  # (b,)
         loss = loss + config.beta * kl.mean()
-    return loss, {**info, "kl_ref": kl.mean().item(), "loss": loss.item()}
+    return loss, {**info, "kl_ref": kl.mean().detach(), "loss": loss.detach()}
 
 
 def has_signal(advantages) -> torch.Tensor:
@@ -474,10 +460,11 @@ def has_signal(advantages) -> torch.Tensor:
 
 
 def minibatches(advantages, trained: int, num_minibatches: int, generator) -> list:
-    """Decision 12, as Flow-GRPO (ac4c86e, scripts/train_sd3.py:797-808, 826-836): the samples with a
-    signal in the first `trained` steps, padded with randomly chosen samples without one up to a
-    multiple of num_minibatches (when there are enough), in random order, split into num_minibatches
-    equal parts. A padded sample adds no policy gradient, only its KL term. Decision 13: with no
+    """Decision 12: the samples with a signal in the first `trained` steps (Flow-GRPO's mask), padded
+    with randomly chosen samples without one up to a multiple of num_minibatches when there are enough
+    (the reference pads each GPU's samples to a multiple of its sampling batches per epoch, ac4c86e
+    scripts/train_sd3.py:797-808), in random order, split into num_minibatches equal parts (826-836).
+    A padded sample adds no policy gradient, only its KL term. Decision 13: with no
     signal at all, no minibatch (the reference would fail on an empty batch): no optimizer step.
     (B, T) advantages -> list of (b,) index tensors."""
     keep = has_signal(advantages[:, :trained]).cpu()  # (B,)
@@ -502,12 +489,13 @@ def policy_update(
     minibatch samples, whatever micro_batch is (memory only, as Flow-GRPO's gradient accumulation).
     Minibatches are drawn over all `total` samples of every rank; this rank holds samples
     offset..offset+B-1 and trains its part, and gradients are summed over ranks (data parallel).
-    `advantages` are every rank's (total, T).
+    `advantages` are every rank's (total, T). Diagnostics are returned as scalar tensors, summed on
+    the device (no synchronisation per step): the trainer reads them once, when it logs.
     """
     trained, local_size = int(config.num_steps * config.timestep_fraction), len(batch.prompts)
     parts = minibatches(advantages, trained, config.num_minibatches, generator)
     local_adv = advantages[offset : offset + local_size]  # (B_rank, T)
-    sums, count, onpolicy_err = dict.fromkeys(("clipfrac", "approx_kl", "kl_ref", "loss"), 0.0), 0, 0.0
+    sums, count, first_errs = dict.fromkeys(("clipfrac", "approx_kl", "kl_ref", "loss"), 0.0), 0, []
     grad_norm = torch.tensor(float("nan"))
     for j, mb in enumerate(parts):
         local = mb[(mb >= offset) & (mb < offset + local_size)] - offset  # this rank's part of the minibatch
@@ -516,9 +504,9 @@ def policy_update(
             for k in range(trained):
                 loss, info = step_loss(backend, batch, local_adv, micro, k, sigmas, config)
                 (loss * len(micro) / len(mb) / trained).backward()
-                sums = {key: sums[key] + info[key] * len(micro) for key in sums}
+                sums = {key: sums[key] + info[key].double() * len(micro) for key in sums}
                 if j == 0:  # the first minibatch runs before any update: its ratio must be 1
-                    onpolicy_err = max(onpolicy_err, info["ratio_err"])
+                    first_errs.append(info["ratio_err"])
         count += len(local) * trained
         all_reduce_gradients(backend.parameters())  # sum over ranks; nothing when alone
         grad_norm = torch.nn.utils.clip_grad_norm_(backend.parameters(), config.max_grad_norm)
@@ -526,15 +514,16 @@ def policy_update(
         if ema is not None:
             ema.update(backend.parameters())  # decision 14: once per optimizer step
     device = advantages.device  # nccl reduces GPU tensors only
-    totals = all_reduce_(torch.tensor([*sums.values(), count], dtype=torch.float64, device=device))
-    err = all_reduce_(torch.tensor(onpolicy_err, device=device), op="max")
-    means = {key: (totals[i] / totals[-1]).item() if totals[-1] else float("nan") for i, key in enumerate(sums)}
-    signal = has_signal(advantages[:, :trained]).float().mean().item()
+    stats = [torch.as_tensor(sums[key], dtype=torch.float64).to(device) for key in sums]  # each ()
+    totals = all_reduce_(torch.stack([*stats, torch.tensor(float(count), dtype=torch.float64, device=device)]))
+    err = torch.stack(first_errs).max().to(device) if first_errs else torch.zeros((), device=device)
+    err = all_reduce_(err, op="max")
+    means = totals[:-1] / totals[-1]  # (4,), NaN where this batch trained nothing (0 / 0)
     return {
-        **means,
-        "grad_norm": grad_norm.item(),
-        "onpolicy_ratio_err": err.item(),
-        "trained_frac": signal,
+        **dict(zip(sums, means, strict=True)),
+        "grad_norm": grad_norm,
+        "onpolicy_ratio_err": err,
+        "trained_frac": has_signal(advantages[:, :trained]).float().mean(),
         "optimizer_steps": len(parts),
     }
 
@@ -542,6 +531,17 @@ def policy_update(
 # ------------------------------------------------------------------------------------------------
 # Algorithm 1: one iteration, and the training loop
 # ------------------------------------------------------------------------------------------------
+
+
+def logged(info: dict) -> dict:
+    """Boilerplate: a dict of scalar tensors (anywhere) and numbers as Python floats, in one device
+    synchronisation: diagnostics stay tensors until here (a `.item()` each would wait on the device)."""
+    keys = [key for key, value in info.items() if isinstance(value, torch.Tensor)]
+    if not keys:
+        return dict(info)
+    device = info[keys[0]].device
+    values = torch.stack([info[key].detach().to(device, torch.float64) for key in keys]).tolist()
+    return {**info, **dict(zip(keys, values, strict=True))}
 
 
 def make_generator(seed: int, *stream: int) -> torch.Generator:
@@ -569,7 +569,7 @@ def train_iteration(backend, reward_fn, optimizer, sigmas, config: Config, itera
     rewards = all_gather_rows(batch.rewards)  # (N*G, T|1), every rank's groups in order
     advantages, info = batch_advantages(rewards, config)  # (N*G, T), every rank's samples
     info |= policy_update(backend, batch, advantages, optimizer, sigmas, config, gen, offset, len(rewards), ema)
-    return {"iteration": iteration, **info, "seconds": time.perf_counter() - start}
+    return {"iteration": iteration, **logged(info), "seconds": time.perf_counter() - start}
 
 
 def setup(config: Config, reward_fn=None):
@@ -672,8 +672,8 @@ class Config:
     eval_reward: str = ""  # the evaluations' reward (same specs); "": the training reward
     seed: int = 0  # seeds every torch.Generator of the run
     iterations: int = 100  # rollout + update rounds
-    prompts_per_iteration: int = 8  # N, prompts (groups) per rollout batch
-    group_size: int = 24  # G, samples per prompt (Flow-GRPO: 24)
+    prompts_per_iteration: int = 8  # N, prompts (groups) per rollout batch (decision 16; Flow-GRPO GenEval: 48)
+    group_size: int = 24  # G, samples per prompt (Flow-GRPO: 24; decision 16)
     # sampler (Eq. 7)
     num_steps: int = 10  # T, SDE sampling steps in training (paper App. A.2: 10)
     eval_steps: int = 40  # ODE steps for evaluation (paper App. A.2: 40)
@@ -707,7 +707,7 @@ class Config:
     resolution: int = 512  # image side in pixels (Flow-GRPO)
     guidance_scale: float = 4.5  # classifier-free guidance, in rollout and training (Flow-GRPO); 1: none
     train_cfg: bool = True  # training recomputes the guided velocity (Flow-GRPO train.cfg); off: cond only
-    cfg_detach_uncond: bool = True  # training CFG detaches o_u (Flow-GRPO ac4c86e train_sd3.py:190); off: both
+    cfg_detach_uncond: bool = False  # training CFG detaches o_u (Flow-GRPO 2d76907..ac4c86e); off: both (decision 9)
     decode_batch: int = 0  # images per VAE decode call (bounds the decode's memory peak); 0: the whole batch
     prompt_file: str = ""  # one prompt per line, training = evaluation; empty: built-in OCR prompts (shapes: grammar)
     max_sequence_length: int = 128  # T5 tokens
@@ -724,12 +724,12 @@ class Config:
     checkpoint_every: int = 10  # also on SIGINT/SIGTERM and at the end; needs output_dir
     resume: str = ""  # a directory holding checkpoint.pt: continue that run exactly
     device: str = "auto"  # auto: cuda if available, else cpu
-    # toy backend
+    # toy backend (backends.ToyBackend checks these, and refuses the fields it cannot honour)
     toy_conditions: int = 4  # conditions ("prompts") of the 2D toy
     toy_modes: int = 4  # modes of each condition's target mixture
     toy_spread: float = 0.15  # std of each mode of the toy's base distribution
     toy_pretrain_steps: int = 1500  # flow-matching steps of the base toy model
-    # shapes backend
+    # shapes backend (backends.ShapesBackend checks these)
     shapes_weights: str = ""  # the pretrained shapes model (shapes.py); empty: shapes_base.safetensors here
     shapes_prompts: str = "grammar"  # grammar: all categories, held-out evaluation; "p1; p2": train = evaluate on them
 
@@ -880,14 +880,9 @@ def validate_config(c: Config) -> None:
 
 
 def validate_run(c: Config) -> None:
-    """The model's limits, the reward spec, files, output and worker fields (see validate_config)."""
+    """Files, output and worker fields (see validate_config); then the backend's checks: its limits,
+    its rewards, and a ConfigError for a field it cannot honour (backends.check_config)."""
     need = _checker(c)
-    need(c.resolution >= 16 and c.resolution % 16 == 0, "resolution", "must be a multiple of 16")
-    if c.model == "shapes":
-        need(c.resolution == shapes.SIZE, "resolution", f"the shapes model is {shapes.SIZE} px")
-    if c.model == "tiny":
-        top = tiny.max_resolution(tiny.TINY_SD3)
-        need(c.resolution <= top, "resolution", f"the tiny model's position embedding covers at most {top} px")
     need(c.reward_workers >= 0, "reward_workers", "must be >= 0 (0: score inline)")
     need(c.reward_threads >= 0, "reward_threads", "must be >= 0 (0: one per CPU core)")
     need(
@@ -906,27 +901,10 @@ def validate_run(c: Config) -> None:
     if c.resume:
         need(os.path.isfile(os.path.join(c.resume, "checkpoint.pt")), "resume", "the directory has no checkpoint.pt")
     need(c.eval_samples >= 1, "eval_samples", "must be >= 1")
-    need(c.toy_conditions >= 1, "toy_conditions", "must be >= 1")
-    need(c.toy_modes >= 1, "toy_modes", "must be >= 1")
-    need(c.toy_spread > 0, "toy_spread", "must be > 0")
-    need(c.max_sequence_length >= 1, "max_sequence_length", "must be >= 1")
-    need(
-        c.shapes_prompts == "grammar" or bool(shapes_prompt_list(c.shapes_prompts)),
-        "shapes_prompts",
-        "'grammar' or prompts separated by ';'",
-    )
     if c.prompt_file:
         need(os.path.isfile(c.prompt_file), "prompt_file", "no such file")
         need(any(line.strip() for line in open(c.prompt_file, encoding="utf-8")), "prompt_file", "file has no prompt")
-    for field in ("reward", "eval_reward") if c.eval_reward else ("reward",):
-        spec = getattr(c, field)
-        if c.model == "toy":
-            need(spec in TOY_REWARDS, field, f"the toy's rewards are {sorted(TOY_REWARDS)}")
-        else:
-            try:
-                rewards.parse_spec(spec)
-            except ValueError as err:
-                raise ConfigError(field, spec, str(err)) from None
+    backends.check_config(c)  # the model's own fields, rewards and limits, and the fields it cannot honour
 
 
 # ------------------------------------------------------------------------------------------------
