@@ -845,7 +845,7 @@ def _checker(c: Config):
 
 def validate_config(c: Config) -> None:
     """Check every field before anything loads; errors name the field, value and what is allowed.
-    Here the algorithm's fields; validate_run checks the model, reward, files and output."""
+    Here the algorithm's fields; validate_run checks files, output, workers and the backend's own fields."""
     need = _checker(c)
     need(c.group_size >= 2, "group_size", "must be >= 2 (a group statistic needs two samples)")
     need(c.prompts_per_iteration >= 1, "prompts_per_iteration", "must be >= 1")
