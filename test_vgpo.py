@@ -651,7 +651,7 @@ def test_minibatches_pad_the_kept_samples_as_flow_grpo(kept, total, num_minibatc
 
 
 def test_the_default_timestep_fraction_trains_9_of_10_steps(monkeypatch):
-    config = vgpo.toy_config(toy_pretrain_steps=200)
+    config = vgpo.toy_config(toy_pretrain_steps=200, prompts_per_iteration=2, group_size=4, reward_workers=0)
     assert (config.num_steps, config.timestep_fraction) == (10, 0.99)  # the paper's T and Flow-GRPO's fraction
     trained, original = [], vgpo.step_loss
     monkeypatch.setattr(vgpo, "step_loss", lambda *args: trained.append(args[4]) or original(*args))
