@@ -233,7 +233,7 @@ def diagnostics(args) -> None:
 # Shapes (#13): GRPO vs each part of VGPO on images, TCRM's premise, step mismatch, collapse
 # ------------------------------------------------------------------------------------------------
 
-SHAPES_REWARDS = {"strict": "geneval_shapes", "partial": "geneval_shapes_partial"}
+SHAPES_REWARDS = {"strict": "geneval_shapes", "score": "geneval_shapes_score"}  # evaluation, Flow-GRPO's training
 # The benchmark: every category of the grammar, evaluated on held-out prompts (the shapes preset's
 # demo trains and evaluates on one prompt instead)
 SHAPES_BENCH = dict(model="shapes", shapes_prompts="grammar")
@@ -319,7 +319,7 @@ def shapes_run(job: tuple) -> dict:
 
 def shapes_jobs(args) -> list:
     """The grid in the issue's priority order: five methods x 3 seeds on the strict reward; GRPO and
-    VGPO x 3 seeds on the partial reward; seeds 3-4 of the strict runs; then kappa and gamma."""
+    VGPO x 3 seeds on the graded score; seeds 3-4 of the strict runs; then kappa and gamma."""
     names = args.methods.split(",") if args.methods else list(METHODS)
     base = {"iterations": args.iterations} if args.iterations else {}
     if args.shapes_prompts != "grammar":
@@ -331,9 +331,7 @@ def shapes_jobs(args) -> list:
     if bad:
         raise SystemExit(f"--rewards {args.rewards!r}: {bad} not in {list(SHAPES_REWARDS)}")
     jobs = [("strict", m, s, base) for s in range(3) for m in names if "strict" in rewards_]
-    jobs += [
-        ("partial", m, s, base) for s in range(3) for m in ("GRPO", "VGPO") if m in names and "partial" in rewards_
-    ]
+    jobs += [("score", m, s, base) for s in range(3) for m in ("GRPO", "VGPO") if m in names and "score" in rewards_]
     jobs += [("strict", m, s, base) for s in range(3, args.seeds) for m in names if "strict" in rewards_]
     if args.sweep:
         jobs += [("strict", "VGPO", s, base | {"kappa": k}) for s in range(3) for k in (0.5, 2.0)]
@@ -504,10 +502,9 @@ def shapes_grids(args) -> None:
 
 FAILURES = {
     "pass": "passes",
-    "merged": "a component no form fits (IoU < 0.7, or a box 1.3x as long as wide): shapes that touch, or a blob",
-    "rough": "a shape just under the overlap threshold (IoU 0.7-0.8): ragged edges",
-    "small": "a shape under the size floor (box under 85 % of the smallest shape)",
-    "count": "no unrecognised component, but a count, shape or colour wrong, or nothing drawn at all",
+    "unrecognised": "a coloured piece above the size floor that no form fits: shapes fused into a lump, or a blob",
+    "small": "a coloured piece under the size floor (rewards.MIN_PIXELS), above a speck",
+    "wrong": "every piece a named shape, but a count, shape, colour or relation wrong, or nothing drawn",
 }
 
 
@@ -515,20 +512,13 @@ def shapes_failure(arr, prompt: str) -> str:
     """Why the strict reward (rewards.geneval_shapes) fails one image (H, W, 3) uint8: a key of
     FAILURES, the first that applies in its order; "pass" when it passes."""
     comps = rewards.components(arr)
-    objects = rewards.named_objects(comps)
-    others = [(box, crop) for _, box, crop, shape in comps if shape == "other"]
-    if not others and all(rewards.shapes_requirements(shapes.parse_prompt(prompt)[1], objects, arr.shape[0])):
+    named = rewards.named_objects(comps)
+    kinds = {shape for *_, shape in comps if shape not in shapes.SHAPES}
+    if not kinds and all(rewards.shapes_requirements(shapes.parse_prompt(prompt)[1], named, arr.shape[0])):
         return "pass"
-    min_box = rewards.MIN_BOX * shapes.SIDE_RANGE[0] * arr.shape[0]
-    named = [
-        (max(w, h) >= min_box, max(w, h) > rewards.MAX_ASPECT * min(w, h), rewards.best_form(crop)[1])
-        for (_, _, w, h), crop in others
-    ]
-    if any(big and (long or iou < 0.7) for big, long, iou in named):
-        return "merged"
-    if any(big for big, _, _ in named):
-        return "rough"
-    return "small" if named else "count"
+    if "other" in kinds:
+        return "unrecognised"
+    return "small" if kinds else "wrong"
 
 
 def shapes_failures(args) -> None:
@@ -609,12 +599,16 @@ def shapes_failures_report(done: dict, out: str) -> None:
 
 
 def shapes_base_rates(args) -> None:
-    """The base model's strict pass rate per prompt of the single-object and counting categories
-    (--per_prompt ODE samples each, new noise): shapes_base_rates.json and .md, from which the demo's
-    prompts are chosen (rule in RESULTS.md)."""
+    """The base model's strict pass rate per training prompt of --categories (--per_prompt ODE samples
+    each, new noise): shapes_base_rates.json and .md, from which the demo's prompts are chosen (rule
+    in RESULTS.md). Resumable: prompts already in the .json are kept."""
     backend = vgpo.build_backend(vgpo.Config(**SHAPES_BENCH, seed=0))
     strict = rewards.load_reward("geneval_shapes")
-    prompts = [p for c in ("single object", "counting") for p in backend.by_category[c]]
+    categories = [c.strip() for c in args.categories.split(",")]
+    bad = [c for c in categories if c not in backend.by_category]
+    if bad:
+        raise SystemExit(f"--categories {args.categories!r}: {bad} not in {list(backend.by_category)}")
+    prompts = [p for c in categories for p in backend.by_category[c]]
     path = os.path.join(args.out, "shapes_base_rates.json")
     rates = json.load(open(path)) if os.path.exists(path) else {}
     for prompt in tqdm([p for p in prompts if p not in rates], desc="base rates"):
@@ -625,8 +619,11 @@ def shapes_base_rates(args) -> None:
     rows = ["| prompt | category | base strict pass rate |", "|---|---|---|"]
     rows += [f"| {p} | {shapes_category(p)} | {r:.3f} |" for p, r in sorted(rates.items(), key=lambda x: x[1])]
     text = (
-        f"`python experiments.py shapes_base_rates --per_prompt {args.per_prompt}`: the shipped base model, ODE 20 "
-        "steps, guidance 4.5, new noise, strict reward.\n\n" + "\n".join(rows) + "\n"
+        f"`python experiments.py shapes_base_rates --per_prompt {args.per_prompt} --categories CATEGORIES`, run for "
+        f"{', '.join(sorted({shapes_category(p) for p in rates}))} (each run adds its prompts to the .json): the "
+        "shipped base model, training prompts, ODE 20 steps, guidance 4.5, new noise, strict reward (v3).\n\n"
+        + "\n".join(rows)
+        + "\n"
     )
     with open(os.path.join(args.out, "shapes_base_rates.md"), "w") as f:
         f.write(text)
@@ -680,7 +677,7 @@ def ode_completion_rewards(backend, batch, sigmas, reward_fns: dict, steps: int 
 def premise(args) -> None:
     """TCRM's premise on images: per step, the projected reward vs the final reward, under the SDE
     and the ODE, for the base model and the trained VGPO (strict, seed 0) policy; also a 3-step ODE
-    completion from the same states. Strict and partial rewards. Writes shapes_premise.{json,md,png}."""
+    completion from the same states. Strict reward and graded score. Writes shapes_premise.{json,md,png}."""
     torch.set_num_threads(args.threads)
     config = vgpo.Config(**shapes_fields(args), seed=0)
     backend = vgpo.build_backend(config)
@@ -699,12 +696,12 @@ def premise(args) -> None:
         for sampler, noise in (("SDE", config.noise_level), ("ODE", 0.0)):
             strict_rows = []
 
-            def both(images, prompts, rows=strict_rows):  # partial for the rollout; strict kept, in step order
+            def both(images, prompts, rows=strict_rows):  # the score for the rollout; strict kept, in step order
                 rows.append(scorers["strict"](images, prompts))
-                return scorers["partial"](images, prompts)
+                return scorers["score"](images, prompts)
 
             batch = vgpo.rollout(backend, prompts, sigmas, noise, both, vgpo.make_generator(7, 1), instant=True)
-            instants = {"partial": batch.rewards, "strict": torch.stack(strict_rows, 1)}  # (B, T) each
+            instants = {"score": batch.rewards, "strict": torch.stack(strict_rows, 1)}  # (B, T) each
             completions = ode_completion_rewards(backend, batch, sigmas, scorers) if sampler == "SDE" else {}
             for reward, instant in instants.items():
                 stats = premise_stats(instant, instant[:, -1], G)
@@ -730,7 +727,7 @@ def gradients(args) -> None:
     gives ~0 even for the same prompt. Writes shapes_gradients.{json,md}."""
     torch.set_num_threads(args.threads)
     results = []
-    for reward in ("strict", "partial"):
+    for reward in ("strict", "score"):
         config = vgpo.Config(**shapes_fields(args), reward=SHAPES_REWARDS[reward], beta=0.0, **METHODS["GRPO"])
         backend = vgpo.build_backend(config)
         reward_fn = vgpo.checked_reward(backend.load_reward(config.reward), config.reward)
@@ -1224,12 +1221,13 @@ def main(argv=None):
     parser.add_argument("--decode_batch", type=int, default=None, help="gpu_check: images per VAE decode call")
     parser.add_argument("--skip_resident", action="store_true", help="gpu_check: offloaded text encoders only")
     parser.add_argument("--memory_cap_gib", type=float, default=0, help="gpu_check: act as a card of this size")
-    parser.add_argument("--rewards", default="strict,partial", help="shapes: the rewards trained on (strict, partial)")
+    parser.add_argument("--rewards", default="strict,score", help="shapes: the rewards trained on (strict, score)")
     parser.add_argument("--sweep", action="store_true", help="shapes: also kappa 0.5, 2 and gamma 0.5, 0.99 (VGPO)")
     parser.add_argument("--value_steps", type=int, default=1, help="shapes: Config.value_steps of every run")
     parser.add_argument("--threads", type=int, default=2, help="premise, gradients: torch threads")
     parser.add_argument("--premise_groups", type=int, default=16, help="premise, gradients: prompts (groups of G)")
     parser.add_argument("--per_prompt", type=int, default=32, help="shapes_base_rates: samples per prompt")
+    parser.add_argument("--categories", default="single object,counting", help="shapes_base_rates: categories")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     if args.iterations is None and args.what in ("methods", "sweep", "diagnostics"):

@@ -212,7 +212,7 @@ def held_out_prompts() -> dict:
 # Images built to fool a shapes reward: drawings in the prompt's colour that are no shape of the grammar
 # ------------------------------------------------------------------------------------------------
 
-FOOLING_FAMILIES = ("blocks", "fringed blocks", "bars", "ragged blobs", "L", "plus", "T", "specks", "noise")
+FOOLING_FAMILIES = ("blocks", "fringed blocks", "bars", "ragged blobs", "L", "plus", "T", "specks", "noise", "empty")
 
 
 def fooling_image(family: str, size: int, rgb, rng: np.random.Generator) -> np.ndarray:
@@ -220,7 +220,8 @@ def fooling_image(family: str, size: int, rgb, rng: np.random.Generator) -> np.n
     white or grey background. blocks: 3-6 squares of 4 px (a patch of the first shapes model);
     fringed blocks: the same inside a 1 px border blending colour and background; bars: 2-3.5 times
     as long as wide; ragged blobs: a disk whose radius swings +-30 % in 2-5 lobes; L, plus, T: strokes
-    a third of a shape's side; specks: 30 dots of 1-2 px; noise: uniform pixel noise."""
+    a third of a shape's side; specks: 30 dots of 1-2 px; noise: uniform pixel noise; empty: the
+    background alone."""
     image = np.empty((size, size, 3), np.uint8)
     image[:] = [(0, 0, 0), (255, 255, 255), (128, 128, 128)][int(rng.integers(3))]
     rgb = np.array(rgb)
@@ -264,6 +265,8 @@ def fooling_image(family: str, size: int, rgb, rng: np.random.Generator) -> np.n
             image[dy : dy + d, dx : dx + d] = rgb
     elif family == "noise":
         image = rng.integers(0, 256, (size, size, 3)).astype(np.uint8)
+    elif family == "empty":
+        pass
     else:
         raise ValueError(f"unknown fooling family {family!r}; choose from {FOOLING_FAMILIES}")
     return image

@@ -792,10 +792,10 @@ PRESETS = {
         lora_alpha=8,
         ema=False,  # random weights: nothing to smooth, one copy less
     ),
-    "shapes": dict(  # the CPU image demo (RESULTS.md, Shapes v2)
-        # the three prompts of highest base strict pass rate within [0.1, 0.2] (16 ODE samples each,
-        # ties alphabetical; results/shapes/shapes_base_rates.md): groups of 8 often score all 0,
-        # VGPO's case, and the base model passes sometimes
+    "shapes": dict(  # the CPU image demo (RESULTS.md, Shapes); its prompts are to be chosen again (below)
+        # chosen as the three prompts of highest base strict pass rate within [0.1, 0.2] under reward
+        # v2, which was blind to most correct counting pictures; under v3 the base model passes them
+        # 0.81-1.00 (results/shapes/shapes_base_rates.md): kept until the demo is rebuilt
         shapes_prompts="a photo of four blue triangles; a photo of four red circles; a photo of four red triangles",
         resolution=32,  # the model's side (shapes.SIZE)
         shift=1.0,  # pixel space at 32 px: SD3's shift 3 is for 1024 px latents

@@ -1,0 +1,356 @@
+"""The shapes benchmark's labelled set: the shapes model's own pictures, each labelled pass/fail by a
+person who looked at it, against which the shapes reward is calibrated and tested.
+
+    python shapes_labels.py sample      # draw the pictures: results/labels/images.npz, samples.json
+    python shapes_labels.py sheets      # contact sheets to label from: results/labels/sheets/
+    python shapes_labels.py agreement   # the reward against the labels: results/labels/agreement.md
+
+The labels themselves (results/labels/labels.json) were written by people looking at the sheets,
+never by a program, under the rules in RESULTS.md ("The labelled set"). The set is split once,
+before any tuning, into a calibration half and a test half (samples.json, "split"); the reward is
+tuned on the calibration half only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import textwrap
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from safetensors.torch import load_file
+
+import backends
+import rewards
+import runs
+import shapes
+import shapes_model
+import vgpo
+
+OUT = os.path.join("results", "labels")
+RUN_DIRS = ("results/shapes_low/shapes_runs", "results/shapes_mid/shapes_runs")  # trained LoRAs
+BASE_ODE, BASE_SDE, LORA_OWN, LORA_HELD = 48, 16, 8, 4  # pictures per category / per LoRA
+
+
+def _draw(backend, prompts, seed: int, sde: bool) -> np.ndarray:
+    """(B, 32, 32, 3) uint8 samples of the backend's current weights: ODE 20 steps (the evaluation's
+    sampler) or the training sampler (SDE, 10 steps, the preset's noise level)."""
+    kept = []
+
+    def keep(images, batch_prompts):
+        kept.extend(rewards.to_uint8(images))
+        return torch.zeros(len(batch_prompts))
+
+    gen = vgpo.make_generator(seed, 7)  # a stream no run or evaluation uses: new noise
+    if sde:
+        vgpo.rollout(backend, prompts, backend.sigmas(10), backend.config.noise_level, keep, gen, instant=False)
+    else:
+        vgpo.evaluate(backend, keep, prompts, 20, gen)
+    return np.stack(kept)
+
+
+def sample(args) -> None:
+    """The base model on held-out prompts of the four categories (ODE and SDE, new noise) and every
+    trained LoRA in RUN_DIRS on its own prompts and on held-out two-object and position prompts;
+    shuffled once, split once (calibration / test, alternating within each category)."""
+    rng = np.random.default_rng(20261204)
+    config = vgpo.Config(model="shapes", shapes_prompts="grammar", seed=0)
+    backend = vgpo.build_backend(config)
+    held = shapes.held_out_prompts()
+    images, records = [], []
+
+    def add(arrs, prompts, source, sampler):
+        images.extend(arrs)
+        records.extend(dict(prompt=p, source=source, sampler=sampler) for p in prompts)
+
+    for i, pool in enumerate(held.values()):
+        for n, sde in ((BASE_ODE, False), (BASE_SDE, True)):
+            prompts = list(rng.choice(pool, n))
+            add(_draw(backend, prompts, 100 + 2 * i + sde, sde), prompts, "base", "sde10" if sde else "ode20")
+    loras = sorted(os.path.join(d, f) for d in RUN_DIRS if os.path.isdir(d) for f in os.listdir(d))
+    for j, path in enumerate(p for p in loras if p.endswith(".lora.safetensors")):
+        runs.set_lora(backend, load_file(path))
+        name = os.path.relpath(path, "results").removesuffix(".lora.safetensors").replace("/shapes_runs/", "/")
+        with open(path.removesuffix(".lora.safetensors") + ".json") as f:
+            own = backends.shapes_prompt_list(json.load(f)["shapes_prompts"])
+        prompts = list(rng.choice(own, LORA_OWN))
+        prompts += list(rng.choice(held["two objects"], LORA_HELD // 2)) + list(rng.choice(held["position"], 2))
+        add(_draw(backend, prompts, 200 + j, False), prompts, name, "ode20")
+    order = rng.permutation(len(images))
+    images = np.stack(images)[order]
+    records = [records[i] for i in order]
+    seen = {}
+    for k, r in enumerate(records):
+        r["id"], r["category"] = k, shapes.parse_prompt(r["prompt"])[0]
+        seen[r["category"]] = seen.get(r["category"], -1) + 1
+        r["split"] = "calibration" if seen[r["category"]] % 2 == 0 else "test"
+    os.makedirs(args.out, exist_ok=True)
+    np.savez_compressed(os.path.join(args.out, "images.npz"), images=images)
+    with open(os.path.join(args.out, "samples.json"), "w") as f:
+        json.dump(records, f, indent=0)
+    print(f"{len(images)} pictures -> {args.out}")
+
+
+def load(out: str = OUT) -> tuple[np.ndarray, list]:
+    """(images (N, 32, 32, 3) uint8, records [{id, prompt, category, source, sampler, split, ...}]),
+    with each record's label merged in when labels.json exists."""
+    images = np.load(os.path.join(out, "images.npz"))["images"]
+    with open(os.path.join(out, "samples.json")) as f:
+        records = json.load(f)
+    path = os.path.join(out, "labels.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            labels = json.load(f)
+        for r in records:
+            r.update(labels.get(str(r["id"]), {}))
+    return images, records
+
+
+def contact_sheet(images, captions, path: str, cols: int = 4, scale: int = 6, caption_h: int = 44) -> None:
+    """A PNG of images (n, h, w, 3) uint8, each scaled `scale` times (nearest) above its caption
+    (caption_h pixels: 44 is what the annotators' sheets had)."""
+    h, w = images.shape[1:3]
+    cell_w, cell_h = w * scale + 12, h * scale + caption_h
+    rows = -(-len(images) // cols)
+    sheet = Image.new("RGB", (cols * cell_w, rows * cell_h), (235, 235, 235))
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default(size=13)
+    for i, (arr, caption) in enumerate(zip(images, captions, strict=True)):
+        x, y = (i % cols) * cell_w + 6, (i // cols) * cell_h + 4
+        sheet.paste(Image.fromarray(arr).resize((w * scale, h * scale), Image.NEAREST), (x, y))
+        draw.multiline_text((x, y + h * scale + 2), textwrap.fill(caption, 30), fill=(0, 0, 0), font=font)
+    sheet.save(path)
+
+
+def sheets(args) -> None:
+    """Contact sheets of 16 pictures in id order, each under '#id: prompt' (no source, no reward)."""
+    images, records = load(args.out)
+    os.makedirs(os.path.join(args.out, "sheets"), exist_ok=True)
+    for s in range(0, len(images), 16):
+        part = records[s : s + 16]
+        captions = [f"#{r['id']}: " + r["prompt"].removeprefix("a photo of ") for r in part]
+        contact_sheet(images[s : s + 16], captions, os.path.join(args.out, "sheets", f"sheet_{s // 16:02d}.png"))
+    print(f"{-(-len(images) // 16)} sheets -> {args.out}/sheets")
+
+
+def merge(args) -> None:
+    """labels.json from the two annotators' files (raw/A.json, raw/B.json: {id: {pass, confidence,
+    reason}}, each blind to the other) and, where they disagree, a third annotator's (raw/C.json)."""
+    raw = {}
+    for who in ("A", "B", "C"):
+        path = os.path.join(args.out, "raw", f"{who}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                raw[who] = json.load(f)
+    _, records = load(args.out)
+    labels, missing = {}, []
+    for r in records:
+        key = str(r["id"])
+        a, b = raw["A"].get(key), raw["B"].get(key)
+        if a is None or b is None:
+            missing.append(key)
+            continue
+        if a["pass"] == b["pass"]:
+            sure = "sure" if a["confidence"] == b["confidence"] == "sure" else "unsure"
+            reason = a["reason"] or b["reason"]
+            labels[key] = dict(label=a["pass"], confidence=sure, reason=reason, votes=[a["pass"], b["pass"]])
+        elif key in raw.get("C", {}):
+            c = raw["C"][key]
+            reason = c["reason"] or (a if not a["pass"] else b)["reason"]
+            labels[key] = dict(
+                label=c["pass"], confidence="unsure", reason=reason, votes=[a["pass"], b["pass"], c["pass"]]
+            )
+        else:
+            missing.append(key)
+    with open(os.path.join(args.out, "labels.json"), "w") as f:
+        json.dump(labels, f, indent=0)
+    print(f"{len(labels)} labels, {len(missing)} missing (disagreements without a third label: {missing[:20]})")
+
+
+def kappa(x, y) -> float:
+    """Cohen's kappa of two lists of booleans."""
+    x, y = np.asarray(x, bool), np.asarray(y, bool)
+    observed = (x == y).mean()
+    chance = x.mean() * y.mean() + (1 - x.mean()) * (1 - y.mean())
+    return float((observed - chance) / (1 - chance)) if chance < 1 else 1.0
+
+
+def verdicts(images, records, reward=None) -> np.ndarray:
+    """The strict reward's pass/fail (N,) bool on the labelled pictures."""
+    reward = reward or rewards.load_reward("geneval_shapes")
+    batch = torch.tensor(images).permute(0, 3, 1, 2).float() / 255
+    return reward(batch, [r["prompt"] for r in records]).numpy() > 0.5
+
+
+def confusion(labels, passed) -> str:
+    both = lambda lab, rew: int(((labels == lab) & (passed == rew)).sum())  # noqa: E731
+    return (
+        "| | reward passes | reward fails |\n|---|---|---|\n"
+        f"| label pass | {both(True, True)} | {both(True, False)} |\n"
+        f"| label fail | {both(False, True)} | {both(False, False)} |\n"
+    )
+
+
+def agreement(args) -> None:
+    """The strict reward against the labels, per split and category: agreement.md, and contact sheets of
+    the test half's disagreements (disagreements_test.png) under label, reward and the label's reason."""
+    images, records = load(args.out)
+    keep = [i for i, r in enumerate(records) if "label" in r]
+    images, records = images[keep], [records[i] for i in keep]
+    labels = np.array([r["label"] for r in records])
+    passed = verdicts(images, records)
+    lines = [
+        "`python shapes_labels.py agreement`: the strict reward (rewards.geneval_shapes) against the labels.\n",
+        "| split | category | pictures | labels pass | reward passes | agreement | Cohen's kappa |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for split in ("calibration", "test"):
+        for category in (*shapes.CATEGORIES, "all"):
+            idx = [i for i, r in enumerate(records) if r["split"] == split and category in (r["category"], "all")]
+            lab, rew = labels[idx], passed[idx]
+            cells = [
+                len(idx),
+                f"{lab.mean():.2f}",
+                f"{rew.mean():.2f}",
+                f"{(lab == rew).mean():.3f}",
+                f"{kappa(lab, rew):.2f}",
+            ]
+            lines.append(f"| {split} | {category} | " + " | ".join(map(str, cells)) + " |")
+    for split in ("calibration", "test"):
+        idx = [i for i, r in enumerate(records) if r["split"] == split]
+        lines += [f"\nConfusion, {split} half:\n", confusion(labels[idx], passed[idx])]
+    wrong = [i for i, r in enumerate(records) if r["split"] == "test" and labels[i] != passed[i]]
+    if wrong:
+        captions = [
+            f"#{records[i]['id']}: {records[i]['prompt'].removeprefix('a photo of ')} | label "
+            + ("pass" if labels[i] else f"fail ({records[i]['reason']})")
+            + (" | reward pass" if passed[i] else " | reward fail")
+            for i in wrong
+        ]
+        contact_sheet(images[wrong], captions, os.path.join(args.out, "disagreements_test.png"), cols=5, caption_h=62)
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "agreement.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+def base(args) -> None:
+    """The shipped base model under the v3 reward: strict accuracy per category on held-out prompts
+    (shapes_model.evaluate's prompts, noise and sampler), the graded training score, and how often the
+    reward server's count term would go negative (more than twice a clause's count found): base_v3.md."""
+    unet, encoder = shapes_model.load("shapes_base.safetensors")
+    strict, graded = rewards.load_reward("geneval_shapes"), rewards.load_reward("geneval_shapes_score")
+    rows, over = [], 0
+    for category, pool in shapes.held_out_prompts().items():
+        prompts = [pool[i % len(pool)] for i in range(args.per_category)]
+        images = torch.cat(
+            [shapes_model.sample(unet, encoder, prompts[i : i + 64], seed=i) for i in range(0, len(prompts), 64)]
+        )
+        s, g = strict(images, prompts), graded(images, prompts)
+        for arr, prompt in zip(rewards.to_uint8(images), prompts, strict=True):
+            objects = rewards.find_objects(arr)[0]
+            clauses = rewards.include_clauses(shapes.parse_prompt(prompt)[1])
+            over += any(sum(o[1] == c["shape"] for o in objects) > 2 * c["count"] for c in clauses)
+        rows.append((category, s.mean().item(), g.mean().item()))
+    overall = sum(r[1] for r in rows) / len(rows)
+    text = (
+        f"`python shapes_labels.py base --per_category {args.per_category}`: shapes_base.safetensors, held-out "
+        "prompts, "
+        "ODE 20 steps, guidance 4.5 (shapes_model.evaluate's samples), reward v3.\n\n"
+        "| category | strict accuracy | graded score |\n|---|---|---|\n"
+        + "".join(f"| {c} | {a:.3f} | {g:.3f} |\n" for c, a, g in rows)
+        + f"| overall (mean of categories) | {overall:.3f} | |\n\n"
+        f"Pictures where a clause finds more than twice its count (the server's score would go negative): "
+        f"{over} of {len(rows) * args.per_category}.\n"
+    )
+    with open(os.path.join(args.out, "base_v3.md"), "w") as f:
+        f.write(text)
+    print(text)
+    base_grid(unet, encoder, os.path.join("results", "shapes", "base_samples.png"))
+
+
+def base_grid(unet, encoder, path: str) -> None:
+    """The base model on 24 held-out prompts (the categories interleaved, seed 1), each under its strict reward."""
+    held = shapes.held_out_prompts().values()
+    prompts = [p for group in zip(*held, strict=False) for p in group][:24]
+    images = shapes_model.sample(unet, encoder, prompts, seed=1)
+    runs.save_samples(images, path, prompts, rewards.load_reward("geneval_shapes")(images, prompts), limit=24)
+
+
+FRONTIER = {  # each threshold of rewards.py varied alone around the chosen value
+    "CORE": (0.4, 0.5, 0.52, 0.6, 0.7),
+    "MIN_SOLIDITY": (0.68, 0.72, 0.76, 0.8),
+    "CIRCLE_FIT": (0.72, 0.76, 0.8, 0.84),
+    "TRIANGLE_TAPER": (2.0, 2.25, 2.5, 2.75),
+    "TRIANGLE_FIT": (0.58, 0.62, 0.66, 0.7),
+    "SQUARE_EXTENT": (0.74, 0.78, 0.82),
+    "SQUARE_MARGIN": (0.0, 0.05, 0.1, 0.15),
+    "MIN_PIXELS": (4, 5, 6, 7),
+    "MAX_ASPECT": (1.3, 1.4, 1.5),
+}
+
+
+def frontier(args) -> None:
+    """Agreement with the labels on the calibration half against the share of images built to fool it
+    that pass (the worst family, 50 each, 32 and 64 px, two draws), each threshold varied alone:
+    frontier.md. The test half is not read."""
+    images, records = load(args.out)
+    cal = [i for i, r in enumerate(records) if r["split"] == "calibration"]
+    labels = np.array([records[i]["label"] for i in cal])
+    fooling = []
+    for size in (32, 64):
+        for draw in (0, 1):
+            items = shapes.fooling_images(size, np.random.default_rng(100 + draw), per_family=50)
+            batch = torch.tensor(np.stack([image for _, image, _ in items])).permute(0, 3, 1, 2).float() / 255
+            fooling.append((batch, [p for *_, p in items], np.array([f for f, _, _ in items])))
+    strict = rewards.load_reward("geneval_shapes")
+
+    def measure():
+        passed = verdicts(images[cal], [records[i] for i in cal], strict)
+        worst = 0.0
+        for batch, prompts, families in fooling:
+            fooled = strict(batch, prompts).numpy()
+            worst = max(worst, max(fooled[families == f].mean() for f in shapes.FOOLING_FAMILIES))
+        return (passed == labels).mean(), kappa(labels, passed), worst
+
+    rows = ["| threshold | value | calibration agreement | kappa | worst family fooled |", "|---|---|---|---|---|"]
+    for name, values in FRONTIER.items():
+        chosen = getattr(rewards, name)
+        for value in values:
+            setattr(rewards, name, value)
+            agree, k, worst = measure()
+            mark = " (chosen)" if value == chosen else ""
+            rows.append(f"| {name} | {value}{mark} | {agree:.3f} | {k:.2f} | {worst:.2f} |")
+        setattr(rewards, name, chosen)
+    text = "`python shapes_labels.py frontier`: each threshold of rewards.py varied alone.\n\n" + "\n".join(rows) + "\n"
+    with open(os.path.join(args.out, "frontier.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+def zoom(args) -> None:
+    """Pictures enlarged 12 times (nearest) to /tmp/zoom/ID.png, for a labeller to look at closely."""
+    images, _ = load(args.out)
+    os.makedirs("/tmp/zoom", exist_ok=True)
+    for i in args.ids:
+        Image.fromarray(images[i]).resize((384, 384), Image.NEAREST).save(f"/tmp/zoom/{i}.png")
+        print(f"/tmp/zoom/{i}.png")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("what", choices=["sample", "sheets", "zoom", "merge", "agreement", "base", "frontier"])
+    parser.add_argument("--per_category", type=int, default=128, help="base: held-out samples per category")
+    parser.add_argument("ids", nargs="*", type=int, help="zoom: picture ids")
+    parser.add_argument("--out", default=OUT)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    commands = dict(sample=sample, sheets=sheets, zoom=zoom, merge=merge, agreement=agreement, base=base)
+    commands["frontier"] = frontier
+    commands[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
