@@ -286,9 +286,9 @@ def aesthetic(
 
 # ------------------------------------------------------------------------------------------------
 # GenEval-style compositional reward on solid-shape scenes (shapes.py): offline, on the CPU.
-# Recognition (v3) is calibrated on pictures the shapes model drew, each labelled by a person who
-# looked at it (shapes_labels.py; RESULTS.md, "The labelled set"): thresholds tuned on the set's
-# calibration half only, agreement reported on its test half. Nothing here depends on the
+# Recognition (v3) is calibrated on pictures the shapes model drew, each labelled pass / fail by
+# annotators who looked at it (shapes_labels.py; RESULTS.md, "The labelled set"): thresholds tuned
+# on the set's calibration half only, agreement reported on its test half. Nothing here depends on the
 # renderer's size range: sizes are in pixels and in shares of the image side.
 # ------------------------------------------------------------------------------------------------
 

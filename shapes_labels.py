@@ -1,14 +1,15 @@
-"""The shapes benchmark's labelled set: the shapes model's own pictures, each labelled pass/fail by a
-person who looked at it, against which the shapes reward is calibrated and tested.
+"""The shapes benchmark's labelled set: the shapes model's own pictures, each labelled pass/fail by
+annotators who looked at it, against which the shapes reward is calibrated and tested.
 
     python shapes_labels.py sample      # draw the pictures: results/labels/images.npz, samples.json
     python shapes_labels.py sheets      # contact sheets to label from: results/labels/sheets/
     python shapes_labels.py agreement   # the reward against the labels: results/labels/agreement.md
 
-The labels themselves (results/labels/labels.json) were written by people looking at the sheets,
-never by a program, under the rules in RESULTS.md ("The labelled set"). The set is split once,
-before any tuning, into a calibration half and a test half (samples.json, "split"); the reward is
-tuned on the calibration half only.
+The labels themselves (results/labels/labels.json) were written by annotators looking at the sheets
+(assistant agents with a fresh context, blind to each other and to any reward), never by a program,
+under the rules in results/labels/RULES.md. The set is split once, before any tuning, into a
+calibration half and a test half (samples.json, "split"); the reward is tuned on the calibration
+half only.
 """
 
 from __future__ import annotations
