@@ -3,7 +3,11 @@ annotators who looked at it, against which the shapes reward is calibrated and t
 
     python shapes_labels.py sample      # draw the pictures: results/labels/images.npz, samples.json
     python shapes_labels.py sheets      # contact sheets to label from: results/labels/sheets/
+    python shapes_labels.py zoom 12 40  # a labeller's 12x copies of pictures 12 and 40: /tmp/zoom/
+    python shapes_labels.py merge       # raw/A.json, B.json (and C.json on disagreements) -> labels.json
     python shapes_labels.py agreement   # the reward against the labels: results/labels/agreement.md
+    python shapes_labels.py frontier    # agreement against images built to fool it, per threshold
+    python shapes_labels.py base        # the base model under the reward: results/labels/base_v3.md
 
 The labels themselves (results/labels/labels.json) were written by annotators looking at the sheets
 (assistant agents with a fresh context, blind to each other and to any reward), never by a program,
