@@ -182,11 +182,15 @@ def kappa(x, y) -> float:
     return float((observed - chance) / (1 - chance)) if chance < 1 else 1.0
 
 
+def as_batch(images) -> torch.Tensor:
+    """Pictures (N, H, W, 3) uint8 (an array or a list) as the rewards' input (N, 3, H, W) in [0, 1]."""
+    return torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+
+
 def verdicts(images, records, reward=None) -> np.ndarray:
     """The strict reward's pass/fail (N,) bool on the labelled pictures."""
     reward = reward or rewards.load_reward("geneval_shapes")
-    batch = torch.tensor(images).permute(0, 3, 1, 2).float() / 255
-    return reward(batch, [r["prompt"] for r in records]).numpy() > 0.5
+    return reward(as_batch(images), [r["prompt"] for r in records]).numpy() > 0.5
 
 
 def confusion(labels, passed) -> str:
@@ -308,7 +312,7 @@ def frontier(args) -> None:
     for size in (32, 64):
         for draw in (0, 1):
             items = shapes.fooling_images(size, np.random.default_rng(100 + draw), per_family=50)
-            batch = torch.tensor(np.stack([image for _, image, _ in items])).permute(0, 3, 1, 2).float() / 255
+            batch = as_batch([image for _, image, _ in items])
             fooling.append((batch, [p for *_, p in items], np.array([f for f, _, _ in items])))
     strict = rewards.load_reward("geneval_shapes")
 
