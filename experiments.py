@@ -12,6 +12,8 @@
     python experiments.py shapes_report # its table and figure from the finished runs
     python experiments.py shapes_grids  # base, GRPO and VGPO samples on the same prompts and noise
     python experiments.py shapes_failures # why the strict reward fails, before and after training
+    python experiments.py demo          # the shapes demo over seeds, GRPO and VGPO: paired McNemar per run
+    python experiments.py demo_report   # its table (demo.md), from the finished runs
     python experiments.py premise       # does the one-step projection predict the final reward?
     python experiments.py gradients     # do the groups' policy gradients share a direction?
 
@@ -630,6 +632,176 @@ def shapes_base_rates(args) -> None:
     print(text)
 
 
+# ------------------------------------------------------------------------------------------------
+# The shapes demo over seeds (issue 34): paired before/after outcomes, McNemar per run, paired methods
+# ------------------------------------------------------------------------------------------------
+
+
+def student_t_cdf(t: float, df: int) -> float:
+    """P(T <= t) of Student's t with df degrees of freedom: 1/2 + the density's integral from 0 to t
+    (Simpson's rule, 4000 intervals; the density in closed form)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    f = lambda x: c * (1 + x * x / df) ** (-(df + 1) / 2)  # noqa: E731
+    n, h = 4000, abs(t) / 4000
+    area = h / 3 * sum((1 if i in (0, n) else 4 if i % 2 else 2) * f(i * h) for i in range(n + 1))
+    return 0.5 + math.copysign(area, t)
+
+
+def student_t_quantile(q: float, df: int) -> float:
+    """The q-quantile of Student's t (bisection on student_t_cdf)."""
+    lo, hi = -200.0, 200.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if student_t_cdf(mid, df) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_t(differences) -> dict:
+    """Paired t-test of per-seed differences: mean, standard error, two-sided p, and the mean difference
+    these seeds detect with 80 % power at the 5 % level, (t_0.975 + t_0.8) * sd / sqrt(n), at their sd."""
+    d = [float(x) for x in differences]
+    n = len(d)
+    if n < 2:
+        return {"n": n, "mean": d[0] if d else float("nan"), "se": float("nan"), "p": float("nan"), "mdd": float("nan")}
+    sd = statistics.stdev(d)
+    se = sd / math.sqrt(n)
+    t = statistics.mean(d) / se if se > 0 else math.copysign(math.inf, statistics.mean(d) or 1.0)
+    p = 2 * (1 - student_t_cdf(abs(t), n - 1)) if math.isfinite(t) else 0.0
+    mdd = (student_t_quantile(0.975, n - 1) + student_t_quantile(0.8, n - 1)) * se
+    return {"n": n, "mean": statistics.mean(d), "se": se, "p": p, "mdd": mdd}
+
+
+def demo_run(job: tuple) -> dict:
+    """One run of the shapes demo (`python vgpo.py --model shapes`, with the method's fields and the
+    seed), resumable: the finished run is OUT/demo_runs/NAME.json; an unfinished one continues from
+    its checkpoint. Its before/after sample grids are copied to OUT/grids."""
+    method, seed, overrides, out, threads = job
+    torch.set_num_threads(threads)
+    name = f"{method.replace(' ', '_')}_s{seed}"
+    path = os.path.join(out, "demo_runs", name + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    run_dir = os.path.join("runs", "shapes_demo", os.path.basename(os.path.normpath(out)), name)
+    resume = run_dir if os.path.exists(os.path.join(run_dir, "checkpoint.pt")) else ""
+    config = vgpo.Config(model="shapes", **METHODS[method], **overrides, seed=seed, output_dir=run_dir, resume=resume)
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        history = vgpo.train(config)
+    evals = [(h["iteration"] + 1, h["eval_reward"]) for h in history if h.get("eval_reward") is not None]
+    before, after = history[0]["eval_scores_before"], history[evals[-1][0] - 1]["eval_scores"]
+    gained, lost, p = runs.mcnemar(before, after)
+    prompts = backends_prompts(config)
+    k = len(prompts)
+    os.makedirs(os.path.join(out, "grids"), exist_ok=True)
+    for tag, src in (("before", "samples_before.png"), ("after", f"samples_{evals[-1][0]:05d}.png")):
+        Image.open(os.path.join(run_dir, src)).save(os.path.join(out, "grids", f"{name}_{tag}.png"))
+    record = {
+        "method": method,
+        "seed": seed,
+        "overrides": overrides,
+        "iterations": config.iterations,
+        "prompts": prompts,
+        "before": statistics.mean(before),
+        "after": statistics.mean(after),
+        "gained": gained,
+        "lost": lost,
+        "p": p,
+        "per_prompt": {q: [statistics.mean(before[i::k]), statistics.mean(after[i::k])] for i, q in enumerate(prompts)},
+        "evals": evals,
+        "history": history,
+        "wall_s": time.perf_counter() - start,
+    }
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".tmp", path)
+    return record
+
+
+def backends_prompts(config) -> list:
+    """The demo's evaluation prompts in the order evaluate_run cycles them (eval_prompts: i % k)."""
+    import backends
+
+    return backends.shapes_prompt_list(config.shapes_prompts)
+
+
+def demo(args) -> None:
+    """The shapes demo over --seeds for each of --methods (default GRPO, VGPO), seed by seed, --workers
+    runs at once, each resumable: OUT/demo_runs/*.json, OUT/grids; then demo_report."""
+    names = args.methods.split(",") if args.methods else ["GRPO", "VGPO"]
+    bad = [m for m in names if m not in METHODS]
+    if bad:
+        raise SystemExit(f"--methods {args.methods!r}: {bad} not in {list(METHODS)}")
+    overrides = json.loads(args.overrides) if args.overrides else {}
+    if args.iterations:
+        overrides["iterations"] = args.iterations
+    threads = max(1, torch.get_num_threads() // args.workers)
+    jobs = [(m, s, overrides, args.out, threads) for s in range(args.seeds) for m in names]
+    with Pool(args.workers, maxtasksperchild=1) as pool:
+        for r in tqdm(pool.imap(demo_run, jobs), total=len(jobs), desc="demo runs"):
+            tqdm.write(f"{r['method']} seed {r['seed']}: {r['before']:.3f} -> {r['after']:.3f} (p = {r['p']:.2g})")
+    demo_report(args)
+
+
+def demo_report(args) -> None:
+    """OUT/demo.md: every run's paired before/after (McNemar), the rises per method, and the methods
+    paired by seed (paired t-test and the difference the seeds can detect)."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(args.out, "demo_runs", "*.json"))):
+        with open(path) as f:
+            found.append(json.load(f))
+    if not found:
+        raise SystemExit(f"no finished runs in {args.out}/demo_runs: run `python experiments.py demo` first")
+    rows = [
+        "| method | seed | strict before | after | gained | lost | McNemar p | rise at p < 0.05 | per prompt after "
+        "| s / iter | wall min |",
+        "|---" * 11 + "|",
+    ]
+    methods_ = list(dict.fromkeys(r["method"] for r in found))
+    for r in sorted(found, key=lambda r: (methods_.index(r["method"]), r["seed"])):
+        sec = statistics.median(h["seconds"] for h in r["history"])
+        rows.append(
+            f"| {r['method']} | {r['seed']} | {r['before']:.3f} | {r['after']:.3f} | {r['gained']} | {r['lost']} "
+            f"| {r['p']:.2g} | {'yes' if r['after'] > r['before'] and r['p'] < 0.05 else 'no'} "
+            f"| {' / '.join(f'{a:.2f}' for _, a in r['per_prompt'].values())} | {sec:.1f} | {r['wall_s'] / 60:.1f} |"
+        )
+    lines = []
+    for m in methods_:
+        rs = [r for r in found if r["method"] == m]
+        test = paired_t([r["after"] - r["before"] for r in rs])
+        rises = sum(r["after"] > r["before"] and r["p"] < 0.05 for r in rs)
+        lines.append(
+            f"- {m}: significant rises in {rises} of {len(rs)} seeds; after - before {test['mean']:+.3f} "
+            f"± {test['se']:.3f} (s.e. over seeds)"
+        )
+    if len(methods_) == 2:
+        a, b = methods_
+        seeds = sorted({r["seed"] for r in found if r["method"] == a} & {r["seed"] for r in found if r["method"] == b})
+        after = {(r["method"], r["seed"]): r["after"] for r in found}
+        test = paired_t([after[b, s] - after[a, s] for s in seeds])
+        lines.append(
+            f"- {b} - {a}, paired by seed ({test['n']} seeds): {test['mean']:+.3f} ± {test['se']:.3f}, paired t-test "
+            f"p = {test['p']:.2g}; these seeds detect a difference of {test['mdd']:.3f} (80 % power, 5 % level)"
+        )
+    first = found[0]
+    text = (
+        f"`python experiments.py demo --seeds N --out {args.out}`: `python vgpo.py --model shapes` "
+        f"({first['iterations']} iterations, overrides {first['overrides'] or 'none'}) per method and seed; strict "
+        f"accuracy (v3) of {len(first['history'][0]['eval_scores_before'])} ODE samples on the training prompts, "
+        "held-out noise, the same before and after (paired); prompts: "
+        + "; ".join(first["prompts"])
+        + ".\n\n"
+        + "\n".join(rows)
+        + "\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+    with open(os.path.join(args.out, "demo.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
 def premise_stats(instant, final, group_size: int) -> dict:
     """How well step k's projected reward predicts the final one. instant (B, T), final (B,),
     samples group-major. Per k: Pearson correlation over all samples; within groups (each group's
@@ -1199,6 +1371,8 @@ def main(argv=None):
             "shapes_grids",
             "shapes_base_rates",
             "shapes_failures",
+            "demo",
+            "demo_report",
             "premise",
             "gradients",
         ],
@@ -1228,6 +1402,7 @@ def main(argv=None):
     parser.add_argument("--premise_groups", type=int, default=16, help="premise, gradients: prompts (groups of G)")
     parser.add_argument("--per_prompt", type=int, default=32, help="shapes_base_rates: samples per prompt")
     parser.add_argument("--categories", default="single object,counting", help="shapes_base_rates: categories")
+    parser.add_argument("--overrides", default="", help="demo: Config fields as JSON, e.g. '{\"lr\": 3e-4}'")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     if args.iterations is None and args.what in ("methods", "sweep", "diagnostics"):
@@ -1247,6 +1422,8 @@ def main(argv=None):
         shapes_grids=shapes_grids,
         shapes_base_rates=shapes_base_rates,
         shapes_failures=shapes_failures,
+        demo=demo,
+        demo_report=demo_report,
         premise=premise,
         gradients=gradients,
     )

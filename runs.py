@@ -88,7 +88,23 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def format_metrics(record: dict) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+    """One line of an iteration's scalars (per-sample evaluation scores are left to metrics.jsonl)."""
+    items = [(k, v) for k, v in record.items() if not isinstance(v, list)]
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
+
+
+def mcnemar(before, after) -> tuple[int, int, float]:
+    """Exact two-sided McNemar test of paired pass/fail outcomes (the same prompts and noise before
+    and after): (gained, lost, p), p = P(a split of the gained + lost discordant pairs at least this
+    uneven | each pair as likely to go either way) = min(1, 2 * P(Binomial(n, 1/2) <= min)).
+    Outcomes are scores >= 0.5 (1 = pass); `before` and `after` are equal-length sequences."""
+    if len(before) != len(after):
+        raise ValueError(f"paired outcomes need equal lengths, got {len(before)} and {len(after)}")
+    gained = sum(a >= 0.5 > b for b, a in zip(before, after, strict=True))
+    lost = sum(b >= 0.5 > a for b, a in zip(before, after, strict=True))
+    n = gained + lost
+    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2**n
+    return gained, lost, min(1.0, 2 * tail)
 
 
 def image_grid(samples):
@@ -366,6 +382,11 @@ def summary(history: list, config, seconds: float) -> str:
         lines.insert(
             0, f"eval reward (ODE, {config.eval_steps} steps, {where}, {weights}): {before:.4f} -> {after:.4f}"
         )
+        paired = history[0].get("eval_scores_before"), history[evals[-1][0] - 1].get("eval_scores")
+        if paired[0] and paired[1] and all(s in (0.0, 1.0) for s in paired[0] + paired[1]):  # a pass/fail reward
+            gained, lost, p = mcnemar(*paired)
+            pairs = f"{gained} samples gained, {lost} lost, McNemar exact p = {p:.2g}"
+            lines.insert(1, f"paired on the same noise: {pairs}")
     if evals:
         best = max(evals, key=lambda e: e[1])
         lines.append(f"best eval reward {best[1]:.4f} at iteration {best[0]}")

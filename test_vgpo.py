@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -372,6 +373,9 @@ def _advantages_by_hand(method, R=_R, G=3, gamma=0.9, kappa=0.5, anchor_steps=1,
     adv = np.clip(w * (rel + anchor), -clip, clip)
     flat = np.mean([np.all(R[G * n : G * n + G, -1] == R[G * n, -1]) for n in range(B // G)])
     info = dict(zero_std_ratio=flat, adv_rel_abs=np.abs(w * rel).mean(), adv_anchor_abs=np.abs(w * anchor).mean())
+    ends = [R[G * n : G * n + G, -1] for n in range(B // G)]
+    info["zero_std_pass"] = np.mean([np.all(e >= 1) for e in ends])
+    info["zero_std_fail"] = np.mean([np.all(e <= 0) for e in ends])
     info["weight_fallback_frac"] = fallback.mean() if weights_on else 0.0  # row 3 of _R: all zero
     return adv, info
 
@@ -1654,24 +1658,51 @@ def test_kill_and_resume_equals_an_uninterrupted_run_beyond_the_toy(model, tmp_p
 
 
 def test_metrics_stream_curves_and_summary(tmp_path, capsys):
-    runs = []
-    for method in ("grpo", "vgpo"):
+    dirs = []
+    for method, eval_reward in (("grpo", "toy_mode"), ("vgpo", "toy_region")):  # continuous, then pass/fail
         run = tmp_path / method
         config = vgpo.toy_config(
             iterations=3, eval_every=2, toy_pretrain_steps=200, eval_samples=16, output_dir=str(run), ema=True,
-            **vgpo.PRESETS[method],
+            eval_reward=eval_reward, **vgpo.PRESETS[method],
         )  # fmt: skip
         history = vgpo.train(config)
         lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["iteration"] for r in lines] == [0, 1, 2] and lines[-1]["eval_reward"] == history[-1]["eval_reward"]
+        evaluated = ((history[0], "eval_reward_before"), (history[1], "eval_reward"), (history[2], "eval_reward"))
+        for record, key in evaluated:
+            scores = record[key.replace("reward", "scores")]  # every sample's score, for the paired test
+            assert len(scores) == 16 and record[key] == pytest.approx(sum(scores) / 16, abs=1e-6)
         assert (run / "curves.png").stat().st_size > 0
-        runs.append(str(run))
+        dirs.append(str(run))
     text = capsys.readouterr().out
     assert "best eval reward" in text and "-> " in text and "EMA weights" in text and "metrics.jsonl" in text
-    experiments.main(["curves", *runs, "--out", str(tmp_path)])
+    assert text.count("McNemar exact p") == 1  # the pass/fail evaluation only
+    gained, lost, p = runs.mcnemar(history[0]["eval_scores_before"], history[-1]["eval_scores"])
+    assert f"{gained} samples gained, {lost} lost, McNemar exact p = {p:.2g}" in text
+    assert "eval_scores" not in text  # per-sample lists stay in metrics.jsonl, off the progress lines
+    experiments.main(["curves", *dirs, "--out", str(tmp_path)])
     from PIL import Image
 
     assert Image.open(tmp_path / "curves.png").size[0] > 1000
+
+
+def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_pairs():
+    # 10 gained, 2 lost: p = 2 * P(Binomial(12, 1/2) <= 2) = 2 * (1 + 12 + 66) / 4096, by hand
+    before, after = [0] * 10 + [1] * 2 + [1] * 5 + [0] * 7, [1] * 10 + [0] * 2 + [1] * 5 + [0] * 7
+    assert runs.mcnemar(before, after) == (10, 2, pytest.approx(2 * 79 / 4096))
+    assert runs.mcnemar(after, before) == (2, 10, pytest.approx(2 * 79 / 4096))  # two-sided
+    assert runs.mcnemar([0, 1], [0, 1]) == (0, 0, 1.0)  # no discordant pair: no evidence
+    assert runs.mcnemar([0] * 5, [1] * 5)[2] == pytest.approx(2 / 32)  # 5 of 5 cannot reach 0.05
+    assert runs.mcnemar([0.0, 0.4], [0.6, 1.0])[:2] == (2, 0)  # outcomes are scores >= 0.5
+    with pytest.raises(ValueError, match="equal lengths, got 2 and 3"):
+        runs.mcnemar([0, 1], [0, 1, 1])
+
+
+def test_zero_std_ratio_splits_into_all_pass_and_all_fail_groups():
+    config = vgpo.toy_config(num_steps=2, group_size=3, prompts_per_iteration=4, **vgpo.PRESETS["grpo"])
+    ends = torch.tensor([[1.0, 1, 1], [0, 0, 0], [0.5, 0.5, 0.5], [0, 1, 1]]).reshape(-1, 1)  # 4 groups of 3
+    info = vgpo.logged(vgpo.batch_advantages(ends, config)[1])
+    assert (info["zero_std_ratio"], info["zero_std_pass"], info["zero_std_fail"]) == (0.75, 0.25, 0.25)
 
 
 def test_tensorboard_gets_scalars_and_grids_and_is_named_when_missing(tmp_path, monkeypatch):
@@ -2227,6 +2258,21 @@ def test_shapes_backend_reuses_the_samplers_velocity_and_trains(shapes_weights):
         )
 
 
+def test_cpu_bf16_runs_the_shapes_unet_under_autocast_and_other_models_refuse_it():
+    full, half = (vgpo.build_backend(vgpo.Config(model="shapes", cpu_bf16=on)) for on in (False, True))  # shipped
+    cond = full.encode(["a photo of a red circle", "a photo of two blue squares"])
+    x, t = full.noise(2, torch.Generator().manual_seed(0)), torch.full((2,), 700.0)
+    with torch.no_grad():
+        n32, n16 = full.network(x, t, cond), half.network(x, t, cond)
+        v32, v16 = full.velocity(x, 0.7, cond), half.velocity(x, 0.7, cond)
+    assert v16.dtype == torch.float32 and not torch.equal(n16, n32)  # computed in bf16, returned as float32
+    assert (n16 - n32).norm() / n32.norm() < 1e-2  # measured 0.4 %: bf16 keeps 8 bits of mantissa
+    assert (v16 - v32).norm() / v32.norm() < 3e-2  # measured 1.4 %: guidance 4.5 amplifies o_c - o_u
+    assert all(p.dtype == torch.float32 for p in half.parameters())  # the weights and the optimizer stay float32
+    with pytest.raises(vgpo.ConfigError, match="cpu_bf16"):
+        vgpo.Config(model="toy", cpu_bf16=True)
+
+
 def test_shapes_prompt_file_feeds_training_and_evaluation_and_names_a_bad_prompt(shapes_weights, tmp_path):
     good = ["a photo of a red circle", "a photo of two blue squares", "a photo of a green triangle"]
     (tmp_path / "p.txt").write_text("\n".join(good) + "\n")
@@ -2259,6 +2305,40 @@ def test_shapes_prompts_list_feeds_training_and_evaluation_and_names_a_bad_promp
         )
     with pytest.raises(vgpo.ConfigError, match="shapes_prompts"):
         vgpo.Config(model="shapes", shapes_prompts=" ; ")
+
+
+def test_student_t_matches_its_closed_forms_and_the_paired_test_its_definition():
+    for t in (-3.0, -0.7, 0.0, 1.3, 6.0):  # df 1 (Cauchy) and df 2 have closed-form CDFs
+        assert experiments.student_t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-7)
+        assert experiments.student_t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-7)
+    assert experiments.student_t_quantile(0.975, 1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-6)
+    assert experiments.student_t_quantile(0.8, 2) == pytest.approx(0.6 / math.sqrt(0.5 * (1 - 0.36)), rel=1e-6)
+    d = [0.1, 0.05, 0.12, 0.0, 0.08]
+    test = experiments.paired_t(d)
+    t = statistics.mean(d) / (statistics.stdev(d) / math.sqrt(5))
+    assert test["p"] == pytest.approx(2 * (1 - experiments.student_t_cdf(t, 4)))
+    assert 0.02 < test["p"] < 0.04  # t = 3.34 with 4 degrees of freedom: between t_0.975 and t_0.99
+    mdd = (experiments.student_t_quantile(0.975, 4) + experiments.student_t_quantile(0.8, 4)) * test["se"]
+    assert test["mdd"] == pytest.approx(mdd) and test["mdd"] == pytest.approx(3.717 * test["se"], rel=1e-3)
+
+
+def test_demo_runs_pair_their_evaluations_resume_and_report(shapes_weights, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the runs' checkpoints go to ./runs/shapes_demo
+    fields = dict(shapes_weights=shapes_weights, eval_samples=6, group_size=2, num_steps=2, eval_steps=2)
+    argv = ["demo", "--seeds", "1", "--iterations", "1", "--workers", "1", "--out", "out"]
+    experiments.main([*argv, "--overrides", json.dumps(fields)])
+    for method in ("GRPO", "VGPO"):
+        run = json.loads((tmp_path / "out" / "demo_runs" / f"{method}_s0.json").read_text())
+        before, after = run["history"][0]["eval_scores_before"], run["history"][-1]["eval_scores"]
+        assert len(before) == len(after) == 6 and (run["gained"], run["lost"], run["p"]) == runs.mcnemar(before, after)
+        prompts = backends.shapes_prompt_list(vgpo.PRESETS["shapes"]["shapes_prompts"])
+        assert run["prompts"] == prompts and run["per_prompt"][prompts[1]][1] == statistics.mean(after[1::3])
+        assert (tmp_path / "out" / "grids" / f"{method}_s0_after.png").exists()
+    report = (tmp_path / "out" / "demo.md").read_text()
+    assert report.count("| GRPO | 0 |") == report.count("| VGPO | 0 |") == 1 and "VGPO - GRPO, paired by seed" in report
+    (tmp_path / "out" / "demo.md").unlink()
+    experiments.main([*argv, "--overrides", json.dumps(fields)])  # finished runs are read, not rerun
+    assert (tmp_path / "out" / "demo.md").read_text().splitlines()[2:] == report.splitlines()[2:]
 
 
 def test_shipped_shapes_weights_reach_the_stated_base_accuracy():
