@@ -264,7 +264,7 @@ class ToyBackend(Backend):
     unsupported = (  # image and text settings: the toy has neither
         "resolution", "guidance_scale", "train_cfg", "cfg_detach_uncond", "decode_batch", "prompt_file",
         "max_sequence_length", "gradient_checkpointing", "offload_text_encoders", "reward_threads",
-        "shapes_weights", "shapes_prompts", "cpu_bf16",
+        "shapes_weights", "shapes_prompts",
     )  # fmt: skip
 
     @classmethod
@@ -462,7 +462,7 @@ class SD3Backend(GuidedBackend):
     """
 
     encode_batch = 64  # prompts per text-encoder call: bounds the encoders' activation memory
-    unsupported = (*TOY_FIELDS, "shapes_weights", "shapes_prompts", "cpu_bf16")  # GPU: bf16 weights already
+    unsupported = (*TOY_FIELDS, "shapes_weights", "shapes_prompts")
     cond_keys = ("embeds", "pooled")
 
     @classmethod
@@ -660,9 +660,7 @@ class ShapesBackend(GuidedBackend):
         return randn((batch, 3, shapes.SIZE, shapes.SIZE), generator, self.device)  # (B, 3, H, W)
 
     def network(self, x, t, cond):
-        """The UNet's output (b, 3, H, W); under bf16 autocast when cpu_bf16 (the weights stay float32)."""
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.cpu_bf16):
-            return self.model(x, t, encoder_hidden_states=cond["embeds"], return_dict=False)[0]
+        return self.model(x, t, encoder_hidden_states=cond["embeds"], return_dict=False)[0]  # (b, 3, H, W)
 
     @torch.no_grad()
     def decode(self, x0):

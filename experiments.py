@@ -14,6 +14,7 @@
     python experiments.py shapes_failures # why the strict reward fails, before and after training
     python experiments.py demo          # the shapes demo over seeds, GRPO and VGPO: paired McNemar per run
     python experiments.py demo_report   # its table (demo.md), from the finished runs
+    python experiments.py bf16          # the demo's iteration in float32 against bf16 autocast: time, ratio
     python experiments.py premise       # does the one-step projection predict the final reward?
     python experiments.py gradients     # do the groups' policy gradients share a direction?
 
@@ -802,6 +803,83 @@ def demo_report(args) -> None:
     print(text)
 
 
+@torch.no_grad()
+def step_log_probs(backend, batch, k: int, sigmas, config) -> torch.Tensor:
+    """log p(x_{k+1} | x_k) of a rollout's stored actions under the backend's current weights, (B,)."""
+    x, x_next = batch.latents[:, k], batch.latents[:, k + 1]
+    v = backend.velocity(x, sigmas[k], batch.cond, train=True)
+    return vgpo.sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], config.noise_level, x_next=x_next)[1]
+
+
+def autocast_bf16(network):
+    """A backend's network run under torch.autocast bf16 on the CPU (weights and outputs stay float32)."""
+
+    def run(*args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return network(*args, **kwargs).float()
+
+    return run
+
+
+def bf16(args) -> None:
+    """The demo's preset in float32 against bf16 autocast (issue 34's option): seconds per iteration (one warm-up, then
+    --repeats each, interleaved, alone on the machine), and what bf16 does to the policy ratio: the change
+    of the stored actions' log-probs over one optimizer step, in float32 and in bf16, against the clip range
+    (the ratio is exp of that change). Writes bf16.md."""
+    torch.set_num_threads(args.threads)
+    config = {on: vgpo.Config(model="shapes", output_dir="", seed=0) for on in (False, True)}
+    built = {on: vgpo.setup(config[on]) for on in (False, True)}
+    built[True][0].network = autocast_bf16(built[True][0].network)
+    sigmas = built[False][0].sigmas(config[False].num_steps)
+    seconds = {False: [], True: []}
+    for r in range(args.repeats + 1):
+        for on in (False, True):
+            backend, reward, _, optimizer = built[on]
+            record = vgpo.train_iteration(backend, reward, optimizer, sigmas, config[on], r)
+            if r:  # the first is a warm-up
+                seconds[on].append(record["seconds"])
+    # the ratio: one float32 rollout, one float32 optimizer step, log-probs in both precisions
+    backend32, reward, _, optimizer = built[False]
+    backend16 = built[True][0]
+    prompts = [p for p in backend32.prompts(2, vgpo.make_generator(9, 1)) for _ in range(8)]
+    noise = [vgpo.make_generator(9, 3, i) for i in range(len(prompts))]
+    batch = vgpo.rollout(backend32, prompts, sigmas, config[False].noise_level, reward, noise, instant=True)
+    trained = int(config[False].num_steps * config[False].timestep_fraction)
+    runs.set_lora(backend16, runs.lora_state(backend32))
+    before = {on: [step_log_probs(b, batch, k, sigmas, config[on]) for k in range(trained)]
+              for on, b in ((False, backend32), (True, backend16))}  # fmt: skip
+    advantages, _ = vgpo.batch_advantages(batch.rewards, config[False])
+    vgpo.policy_update(backend32, batch, advantages, optimizer, sigmas, config[False], vgpo.make_generator(9, 4))
+    runs.set_lora(backend16, runs.lora_state(backend32))
+    after = {on: [step_log_probs(b, batch, k, sigmas, config[on]) for k in range(trained)]
+             for on, b in ((False, backend32), (True, backend16))}  # fmt: skip
+    change = {on: torch.stack([a - b for a, b in zip(after[on], before[on], strict=True)]) for on in (False, True)}
+    error = (change[True] - change[False]).abs()  # bf16's error in the log-ratio, (trained, B)
+    same = (torch.stack(before[True]) - torch.stack(before[False])).abs()
+    clip = config[False].clip_range
+    rows = [
+        "| | float32 | bf16 autocast |",
+        "|---|---|---|",
+        f"| s / iteration (median of {args.repeats}) | {statistics.median(seconds[False]):.2f} "
+        f"| {statistics.median(seconds[True]):.2f} |",
+        f"| log-ratio after one optimizer step, median abs | {change[False].abs().median():.2e} "
+        f"| {change[True].abs().median():.2e} |",
+        f"| share of (sample, step) outside the clip range {clip:g} "
+        f"| {(change[False].abs() > clip).float().mean():.2f} | {(change[True].abs() > clip).float().mean():.2f} |",
+        f"| bf16's error in that log-ratio, median / max abs | | {error.median():.2e} / {error.max():.2e} |",
+        f"| bf16 log-prob minus float32's, same weights, median abs | | {same.median():.2e} |",
+    ]
+    text = (
+        f"`python experiments.py bf16 --threads {args.threads} --repeats {args.repeats}`: the shapes demo's preset "
+        f"(GRPO's iteration and VGPO's differ little here), {torch.get_num_threads()} threads, this CPU; the ratio "
+        "measured on one float32 rollout of 2 x 8 samples, its first "
+        f"{trained} steps, over one float32 optimizer step (lr {config[False].lr:g}).\n\n" + "\n".join(rows) + "\n"
+    )
+    with open(os.path.join(args.out, "bf16.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
 def premise_stats(instant, final, group_size: int) -> dict:
     """How well step k's projected reward predicts the final one. instant (B, T), final (B,),
     samples group-major. Per k: Pearson correlation over all samples; within groups (each group's
@@ -1373,6 +1451,7 @@ def main(argv=None):
             "shapes_failures",
             "demo",
             "demo_report",
+            "bf16",
             "premise",
             "gradients",
         ],
@@ -1391,14 +1470,14 @@ def main(argv=None):
     parser.add_argument("--model", default="tiny", help="benchmark: tiny, random-sd3.5-medium, or an SD3 id")
     parser.add_argument("--preset", default="", help="benchmark: a vgpo.PRESETS entry, e.g. small-gpu")
     parser.add_argument("--resolution", type=int, default=32, help="benchmark: image side")
-    parser.add_argument("--repeats", type=int, default=3, help="benchmark: timed iterations")
+    parser.add_argument("--repeats", type=int, default=3, help="benchmark, bf16: timed iterations")
     parser.add_argument("--decode_batch", type=int, default=None, help="gpu_check: images per VAE decode call")
     parser.add_argument("--skip_resident", action="store_true", help="gpu_check: offloaded text encoders only")
     parser.add_argument("--memory_cap_gib", type=float, default=0, help="gpu_check: act as a card of this size")
     parser.add_argument("--rewards", default="strict,score", help="shapes: the rewards trained on (strict, score)")
     parser.add_argument("--sweep", action="store_true", help="shapes: also kappa 0.5, 2 and gamma 0.5, 0.99 (VGPO)")
     parser.add_argument("--value_steps", type=int, default=1, help="shapes: Config.value_steps of every run")
-    parser.add_argument("--threads", type=int, default=2, help="premise, gradients: torch threads")
+    parser.add_argument("--threads", type=int, default=2, help="premise, gradients, bf16: torch threads")
     parser.add_argument("--premise_groups", type=int, default=16, help="premise, gradients: prompts (groups of G)")
     parser.add_argument("--per_prompt", type=int, default=32, help="shapes_base_rates: samples per prompt")
     parser.add_argument("--categories", default="single object,counting", help="shapes_base_rates: categories")
@@ -1424,6 +1503,7 @@ def main(argv=None):
         shapes_failures=shapes_failures,
         demo=demo,
         demo_report=demo_report,
+        bf16=bf16,
         premise=premise,
         gradients=gradients,
     )

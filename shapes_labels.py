@@ -8,6 +8,8 @@ annotators who looked at it, against which the shapes reward is calibrated and t
     python shapes_labels.py agreement   # the reward against the labels: results/labels/agreement.md
     python shapes_labels.py frontier    # agreement against images built to fool it, per threshold
     python shapes_labels.py base        # the base model under the reward: results/labels/base_v3.md
+    python shapes_labels.py trained --out results/labels_trained  # the demo's trained policies' pictures
+    python shapes_labels.py trained_report --out results/labels_trained  # their labels against the reward
 
 The labels themselves (results/labels/labels.json) were written by annotators looking at the sheets
 (assistant agents with a fresh context, blind to each other and to any reward), never by a program,
@@ -339,6 +341,106 @@ def frontier(args) -> None:
     print(text)
 
 
+DEMO_RUNS = os.path.join("runs", "shapes_demo", "shapes_demo")  # `experiments.py demo`'s run directories
+DEMO_RECORDS = os.path.join("results", "shapes_demo", "demo_runs")  # and its finished records
+
+
+def _evaluation_pictures(backend, config, n: int) -> tuple[np.ndarray, list]:
+    """The first n pictures of the run's evaluation (its prompts, noise, sampler and chunks) and their prompts."""
+    prompts = backend.eval_prompts(config.eval_samples)[:n]
+    kept = []
+
+    def keep(images, batch_prompts):
+        kept.extend(rewards.to_uint8(images))
+        return torch.zeros(len(batch_prompts))
+
+    chunk = config.prompts_per_iteration * config.group_size  # evaluate_run's chunks: the same noise
+    vgpo.evaluate(backend, keep, prompts, config.eval_steps, vgpo.make_generator(config.seed, 2), chunk)
+    return np.stack(kept), prompts
+
+
+def trained(args) -> None:
+    """Pictures of the demo's trained policies to label (RL finds a reward's holes): for each seed
+    --from_seed .. --seeds - 1, the first --per_run evaluation pictures of the base model and of each
+    method's trained LoRA (the same prompts and noise), shuffled into --out (images.npz, samples.json;
+    split "test": the reward is never tuned on them), appended after the pictures already there (new ids,
+    so that labelled pictures keep theirs). The strict verdicts are checked against the runs' records."""
+    rng = np.random.default_rng(20261205 + args.from_seed)
+    images, records, mismatched = [], [], 0
+    strict = rewards.load_reward("geneval_shapes")
+    for seed in range(args.from_seed, args.seeds):
+        config = vgpo.Config(model="shapes", seed=seed, output_dir="")
+        for source in ("base", "GRPO", "VGPO"):
+            backend = vgpo.build_backend(config)
+            if source != "base":
+                state = torch.load(os.path.join(DEMO_RUNS, f"{source}_s{seed}", "checkpoint.pt"), weights_only=False)
+                runs.set_lora(backend, state["lora"])
+            arrs, prompts = _evaluation_pictures(backend, config, args.per_run)
+            with open(os.path.join(DEMO_RECORDS, f"{'GRPO' if source == 'base' else source}_s{seed}.json")) as f:
+                history = json.load(f)["history"]
+            recorded = history[0]["eval_scores_before"] if source == "base" else history[-1]["eval_scores"]
+            verdict = strict(as_batch(arrs), prompts).numpy()
+            mismatched += int((verdict != np.array(recorded[: len(arrs)])).sum())
+            images.extend(arrs)
+            records += [
+                dict(prompt=p, category=shapes.parse_prompt(p)[0], source=source, seed=seed, index=i, split="test")
+                for i, p in enumerate(prompts)
+            ]
+    order = rng.permutation(len(images))
+    kept, known = load(args.out) if os.path.exists(os.path.join(args.out, "samples.json")) else (None, [])
+    known = [{k: v for k, v in r.items() if k in ("id", "prompt", "category", "source", "seed", "index", "split")}
+             for r in known]  # fmt: skip
+    records = known + [dict(id=len(known) + k, **records[i]) for k, i in enumerate(order)]
+    images = np.stack(images)[order] if kept is None else np.concatenate([kept, np.stack(images)[order]])
+    os.makedirs(args.out, exist_ok=True)
+    np.savez_compressed(os.path.join(args.out, "images.npz"), images=images)
+    with open(os.path.join(args.out, "samples.json"), "w") as f:
+        json.dump(records, f, indent=0)
+    print(f"{len(images)} pictures -> {args.out}; strict verdicts differing from the runs' records: {mismatched}")
+
+
+def trained_report(args) -> None:
+    """The labels of the trained policies' pictures against the strict reward, per source (base, GRPO,
+    VGPO): pass rates by label and by reward, agreement and kappa, and the before -> after change the
+    labels see on the same prompts and noise: trained.md."""
+    images, records = load(args.out)
+    keep = [i for i, r in enumerate(records) if "label" in r]
+    images, records = images[keep], [records[i] for i in keep]
+    labels, passed = np.array([r["label"] for r in records]), verdicts(images, records)
+    rows = [
+        "| pictures of | n | labels pass | reward passes | agreement | kappa | reward passes, label fails "
+        "| label passes, reward fails |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    sources = [s for s in ("base", "GRPO", "VGPO") if any(r["source"] == s for r in records)]
+    for source in sources:
+        idx = [i for i, r in enumerate(records) if r["source"] == source]
+        lab, rew = labels[idx], passed[idx]
+        rows.append(
+            f"| {source} | {len(idx)} | {lab.mean():.3f} | {rew.mean():.3f} | {(lab == rew).mean():.3f} "
+            f"| {kappa(lab, rew):.2f} | {int((rew & ~lab).sum())} | {int((lab & ~rew).sum())} |"
+        )
+    by_key = {(r["source"], r["seed"], r["index"]): labels[i] for i, r in enumerate(records)}
+    lines = []
+    for method in [s for s in sources if s != "base"]:
+        keys = [(s, i) for (src, s, i) in by_key if src == method and ("base", s, i) in by_key]
+        before = [by_key["base", s, i] for s, i in keys]
+        after = [by_key[method, s, i] for s, i in keys]
+        gained, lost, p = runs.mcnemar(before, after)
+        lines.append(
+            f"- {method}, by the labels, on {len(keys)} paired pictures: {np.mean(before):.3f} -> {np.mean(after):.3f}"
+            f" ({gained} gained, {lost} lost, McNemar exact p = {p:.2g})"
+        )
+    text = (
+        "`python shapes_labels.py trained_report --out results/labels_trained`: the demo's pictures (base and "
+        "trained policies, the runs' own evaluation prompts and noise) labelled by looking, blind to the source "
+        "and to any reward, against the strict reward (v3).\n\n" + "\n".join(rows) + "\n\n" + "\n".join(lines) + "\n"
+    )
+    with open(os.path.join(args.out, "trained.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
 def zoom(args) -> None:
     """Pictures enlarged 12 times (nearest) to /tmp/zoom/ID.png, for a labeller to look at closely."""
     images, _ = load(args.out)
@@ -350,14 +452,18 @@ def zoom(args) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["sample", "sheets", "zoom", "merge", "agreement", "base", "frontier"])
+    names = ["sample", "sheets", "zoom", "merge", "agreement", "base", "frontier", "trained", "trained_report"]
+    parser.add_argument("what", choices=names)
     parser.add_argument("--per_category", type=int, default=128, help="base: held-out samples per category")
+    parser.add_argument("--seeds", type=int, default=2, help="trained: the demo's seeds up to N-1")
+    parser.add_argument("--from_seed", type=int, default=0, help="trained: the first seed (appended to --out)")
+    parser.add_argument("--per_run", type=int, default=48, help="trained: evaluation pictures per run")
     parser.add_argument("ids", nargs="*", type=int, help="zoom: picture ids")
     parser.add_argument("--out", default=OUT)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     commands = dict(sample=sample, sheets=sheets, zoom=zoom, merge=merge, agreement=agreement, base=base)
-    commands["frontier"] = frontier
+    commands |= dict(frontier=frontier, trained=trained, trained_report=trained_report)
     commands[args.what](args)
 
 

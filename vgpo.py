@@ -740,7 +740,6 @@ class Config:
     # shapes backend (backends.ShapesBackend checks these)
     shapes_weights: str = ""  # the pretrained shapes model (shapes.py); empty: shapes_base.safetensors here
     shapes_prompts: str = "grammar"  # grammar: all categories, held-out evaluation; "p1; p2": train = evaluate on them
-    cpu_bf16: bool = False  # shapes: the UNet under bf16 autocast (faster on CPUs with AVX512-BF16 or AMX; RESULTS)
 
     def __init__(self, **fields):
         names = [f.name for f in dataclasses.fields(Config)]
