@@ -739,8 +739,9 @@ def demo(args) -> None:
         overrides["iterations"] = args.iterations
     threads = max(1, torch.get_num_threads() // args.workers)
     jobs = [(m, s, overrides, args.out, threads) for s in range(args.seeds) for m in names]
-    with Pool(args.workers, maxtasksperchild=1) as pool:
-        for r in tqdm(pool.imap(demo_run, jobs), total=len(jobs), desc="demo runs"):
+    with contextlib.ExitStack() as stack:  # one worker: in this process (a fork after torch ran can hang)
+        pool = stack.enter_context(Pool(args.workers, maxtasksperchild=1)) if args.workers > 1 else None
+        for r in tqdm(pool.imap(demo_run, jobs) if pool else map(demo_run, jobs), total=len(jobs), desc="demo runs"):
             tqdm.write(f"{r['method']} seed {r['seed']}: {r['before']:.3f} -> {r['after']:.3f} (p = {r['p']:.2g})")
     demo_report(args)
 
@@ -756,16 +757,19 @@ def demo_report(args) -> None:
         raise SystemExit(f"no finished runs in {args.out}/demo_runs: run `python experiments.py demo` first")
     rows = [
         "| method | seed | strict before | after | gained | lost | McNemar p | rise at p < 0.05 | per prompt after "
-        "| s / iter | wall min |",
-        "|---" * 11 + "|",
+        "| rollouts' graded score, first -> last 10 it. | groups all pass / all fail | s / iter | wall min |",
+        "|---" * 13 + "|",
     ]
     methods_ = list(dict.fromkeys(r["method"] for r in found))
     for r in sorted(found, key=lambda r: (methods_.index(r["method"]), r["seed"])):
-        sec = statistics.median(h["seconds"] for h in r["history"])
+        h = r["history"]
+        sec, mean = statistics.median(x["seconds"] for x in h), lambda key, part: statistics.mean(x[key] for x in part)
         rows.append(
             f"| {r['method']} | {r['seed']} | {r['before']:.3f} | {r['after']:.3f} | {r['gained']} | {r['lost']} "
             f"| {r['p']:.2g} | {'yes' if r['after'] > r['before'] and r['p'] < 0.05 else 'no'} "
-            f"| {' / '.join(f'{a:.2f}' for _, a in r['per_prompt'].values())} | {sec:.1f} | {r['wall_s'] / 60:.1f} |"
+            f"| {' / '.join(f'{a:.2f}' for _, a in r['per_prompt'].values())} "
+            f"| {mean('reward_mean', h[:10]):.2f} -> {mean('reward_mean', h[-10:]):.2f} "
+            f"| {mean('zero_std_pass', h):.3f} / {mean('zero_std_fail', h):.3f} | {sec:.1f} | {r['wall_s'] / 60:.1f} |"
         )
     lines = []
     for m in methods_:
