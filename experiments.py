@@ -45,6 +45,7 @@ from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import backends
 import rewards
 import runs
 import shapes
@@ -279,6 +280,26 @@ def shapes_run_name(reward: str, method: str, seed: int, overrides: dict) -> str
     return f"{reward}_{method.replace(' ', '_')}{extra}_s{seed}"
 
 
+def resumable_run(out: str, folder: str, runs_folder: str, name: str) -> tuple[dict | None, str, str]:
+    """A resumable run's places: (its finished record OUT/folder/NAME.json if there, else None; its run
+    directory runs/runs_folder/OUT/NAME; that directory to resume from when it holds a checkpoint, else "")."""
+    path = os.path.join(out, folder, name + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f), "", ""
+    run_dir = os.path.join("runs", runs_folder, os.path.basename(os.path.normpath(out)), name)
+    return None, run_dir, run_dir if os.path.exists(os.path.join(run_dir, "checkpoint.pt")) else ""
+
+
+def write_record(path: str, record: dict) -> dict:
+    """A finished run's record, written atomically (temporary file, then rename)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".tmp", path)
+    return record
+
+
 def shapes_run(job: tuple) -> dict:
     """One shapes training run, resumable: the finished run is results/shapes_runs/NAME.json (a rerun
     loads it); an unfinished one continues from runs/shapes/OUT/NAME/checkpoint.pt."""
@@ -286,11 +307,9 @@ def shapes_run(job: tuple) -> dict:
     torch.set_num_threads(threads)
     name = shapes_run_name(reward, method, seed, overrides)
     path = os.path.join(out, "shapes_runs", name + ".json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    run_dir = os.path.join("runs", "shapes", os.path.basename(os.path.normpath(out)), name)
-    resume = run_dir if os.path.exists(os.path.join(run_dir, "checkpoint.pt")) else ""
+    finished, run_dir, resume = resumable_run(out, "shapes_runs", "shapes", name)
+    if finished:
+        return finished
     fields = {**METHODS[method], **overrides, "reward": SHAPES_REWARDS[reward], "eval_reward": "geneval_shapes"}
     config = vgpo.Config(**{**SHAPES_BENCH, **fields}, seed=seed, output_dir=run_dir, resume=resume)
     start = time.perf_counter()
@@ -314,10 +333,7 @@ def shapes_run(job: tuple) -> dict:
         "history": history,
         "wall_s": time.perf_counter() - start,
     }
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f)
-    os.replace(path + ".tmp", path)
-    return record
+    return write_record(path, record)
 
 
 def shapes_jobs(args) -> list:
@@ -679,12 +695,9 @@ def demo_run(job: tuple) -> dict:
     method, seed, overrides, out, threads = job
     torch.set_num_threads(threads)
     name = f"{method.replace(' ', '_')}_s{seed}"
-    path = os.path.join(out, "demo_runs", name + ".json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    run_dir = os.path.join("runs", "shapes_demo", os.path.basename(os.path.normpath(out)), name)
-    resume = run_dir if os.path.exists(os.path.join(run_dir, "checkpoint.pt")) else ""
+    finished, run_dir, resume = resumable_run(out, "demo_runs", "shapes_demo", name)
+    if finished:
+        return finished
     config = vgpo.Config(model="shapes", **METHODS[method], **overrides, seed=seed, output_dir=run_dir, resume=resume)
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -692,7 +705,7 @@ def demo_run(job: tuple) -> dict:
     evals = [(h["iteration"] + 1, h["eval_reward"]) for h in history if h.get("eval_reward") is not None]
     before, after = history[0]["eval_scores_before"], history[evals[-1][0] - 1]["eval_scores"]
     gained, lost, p = runs.mcnemar(before, after)
-    prompts = backends_prompts(config)
+    prompts = backends.shapes_prompt_list(config.shapes_prompts)  # evaluate_run cycles them: i % k
     k = len(prompts)
     os.makedirs(os.path.join(out, "grids"), exist_ok=True)
     for tag, src in (("before", "samples_before.png"), ("after", f"samples_{evals[-1][0]:05d}.png")):
@@ -713,18 +726,7 @@ def demo_run(job: tuple) -> dict:
         "history": history,
         "wall_s": time.perf_counter() - start,
     }
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f)
-    os.replace(path + ".tmp", path)
-    return record
-
-
-def backends_prompts(config) -> list:
-    """The demo's evaluation prompts in the order evaluate_run cycles them (eval_prompts: i % k)."""
-    import backends
-
-    return backends.shapes_prompt_list(config.shapes_prompts)
+    return write_record(os.path.join(out, "demo_runs", name + ".json"), record)
 
 
 def demo(args) -> None:
@@ -831,15 +833,15 @@ def bf16(args) -> None:
     of the stored actions' log-probs over one optimizer step, in float32 and in bf16, against the clip range
     (the ratio is exp of that change). Writes bf16.md."""
     torch.set_num_threads(args.threads)
-    config = {on: vgpo.Config(model="shapes", output_dir="", seed=0) for on in (False, True)}
-    built = {on: vgpo.setup(config[on]) for on in (False, True)}
+    config = vgpo.Config(model="shapes", output_dir="", seed=0)  # one config; bf16 wraps a backend's network
+    built = {on: vgpo.setup(config) for on in (False, True)}
     built[True][0].network = autocast_bf16(built[True][0].network)
-    sigmas = built[False][0].sigmas(config[False].num_steps)
+    sigmas = built[False][0].sigmas(config.num_steps)
     seconds = {False: [], True: []}
     for r in range(args.repeats + 1):
         for on in (False, True):
             backend, reward, _, optimizer = built[on]
-            record = vgpo.train_iteration(backend, reward, optimizer, sigmas, config[on], r)
+            record = vgpo.train_iteration(backend, reward, optimizer, sigmas, config, r)
             if r:  # the first is a warm-up
                 seconds[on].append(record["seconds"])
     # the ratio: one float32 rollout, one float32 optimizer step, log-probs in both precisions
@@ -847,20 +849,20 @@ def bf16(args) -> None:
     backend16 = built[True][0]
     prompts = [p for p in backend32.prompts(2, vgpo.make_generator(9, 1)) for _ in range(8)]
     noise = [vgpo.make_generator(9, 3, i) for i in range(len(prompts))]
-    batch = vgpo.rollout(backend32, prompts, sigmas, config[False].noise_level, reward, noise, instant=True)
-    trained = int(config[False].num_steps * config[False].timestep_fraction)
+    batch = vgpo.rollout(backend32, prompts, sigmas, config.noise_level, reward, noise, instant=True)
+    trained = int(config.num_steps * config.timestep_fraction)
     runs.set_lora(backend16, runs.lora_state(backend32))
-    before = {on: [step_log_probs(b, batch, k, sigmas, config[on]) for k in range(trained)]
+    before = {on: [step_log_probs(b, batch, k, sigmas, config) for k in range(trained)]
               for on, b in ((False, backend32), (True, backend16))}  # fmt: skip
-    advantages, _ = vgpo.batch_advantages(batch.rewards, config[False])
-    vgpo.policy_update(backend32, batch, advantages, optimizer, sigmas, config[False], vgpo.make_generator(9, 4))
+    advantages, _ = vgpo.batch_advantages(batch.rewards, config)
+    vgpo.policy_update(backend32, batch, advantages, optimizer, sigmas, config, vgpo.make_generator(9, 4))
     runs.set_lora(backend16, runs.lora_state(backend32))
-    after = {on: [step_log_probs(b, batch, k, sigmas, config[on]) for k in range(trained)]
+    after = {on: [step_log_probs(b, batch, k, sigmas, config) for k in range(trained)]
              for on, b in ((False, backend32), (True, backend16))}  # fmt: skip
     change = {on: torch.stack([a - b for a, b in zip(after[on], before[on], strict=True)]) for on in (False, True)}
     error = (change[True] - change[False]).abs()  # bf16's error in the log-ratio, (trained, B)
     same = (torch.stack(before[True]) - torch.stack(before[False])).abs()
-    clip = config[False].clip_range
+    clip = config.clip_range
     rows = [
         "| | float32 | bf16 autocast |",
         "|---|---|---|",
@@ -877,7 +879,7 @@ def bf16(args) -> None:
         f"`python experiments.py bf16 --threads {args.threads} --repeats {args.repeats}`: the shapes demo's preset "
         f"(GRPO's iteration and VGPO's differ little here), {torch.get_num_threads()} threads, this CPU; the ratio "
         "measured on one float32 rollout of 2 x 8 samples, its first "
-        f"{trained} steps, over one float32 optimizer step (lr {config[False].lr:g}).\n\n" + "\n".join(rows) + "\n"
+        f"{trained} steps, over one float32 optimizer step (lr {config.lr:g}).\n\n" + "\n".join(rows) + "\n"
     )
     with open(os.path.join(args.out, "bf16.md"), "w") as f:
         f.write(text)

@@ -42,20 +42,21 @@ RUN_DIRS = ("results/shapes_low/shapes_runs", "results/shapes_mid/shapes_runs") 
 BASE_ODE, BASE_SDE, LORA_OWN, LORA_HELD = 48, 16, 8, 4  # pictures per category / per LoRA
 
 
-def _draw(backend, prompts, seed: int, sde: bool) -> np.ndarray:
-    """(B, 32, 32, 3) uint8 samples of the backend's current weights: ODE 20 steps (the evaluation's
-    sampler) or the training sampler (SDE, 10 steps, the preset's noise level)."""
+def _draw(backend, prompts, seed: int, sde: bool, gen=None, steps: int = 20, chunk: int = 64) -> np.ndarray:
+    """(B, 32, 32, 3) uint8 samples of the backend's current weights: ODE `steps` steps in chunks (the
+    evaluation's sampler) or the training sampler (SDE, 10 steps, the preset's noise level); noise from
+    `gen`, by default a stream of `seed` no run or evaluation uses."""
     kept = []
 
     def keep(images, batch_prompts):
         kept.extend(rewards.to_uint8(images))
         return torch.zeros(len(batch_prompts))
 
-    gen = vgpo.make_generator(seed, 7)  # a stream no run or evaluation uses: new noise
+    gen = gen or vgpo.make_generator(seed, 7)
     if sde:
         vgpo.rollout(backend, prompts, backend.sigmas(10), backend.config.noise_level, keep, gen, instant=False)
     else:
-        vgpo.evaluate(backend, keep, prompts, 20, gen)
+        vgpo.evaluate(backend, keep, prompts, steps, gen, chunk)
     return np.stack(kept)
 
 
@@ -348,15 +349,8 @@ DEMO_RECORDS = os.path.join("results", "shapes_demo", "demo_runs")  # and its fi
 def _evaluation_pictures(backend, config, n: int) -> tuple[np.ndarray, list]:
     """The first n pictures of the run's evaluation (its prompts, noise, sampler and chunks) and their prompts."""
     prompts = backend.eval_prompts(config.eval_samples)[:n]
-    kept = []
-
-    def keep(images, batch_prompts):
-        kept.extend(rewards.to_uint8(images))
-        return torch.zeros(len(batch_prompts))
-
-    chunk = config.prompts_per_iteration * config.group_size  # evaluate_run's chunks: the same noise
-    vgpo.evaluate(backend, keep, prompts, config.eval_steps, vgpo.make_generator(config.seed, 2), chunk)
-    return np.stack(kept), prompts
+    gen, chunk = vgpo.make_generator(config.seed, 2), config.prompts_per_iteration * config.group_size
+    return _draw(backend, prompts, config.seed, False, gen, config.eval_steps, chunk), prompts  # evaluate_run's
 
 
 def trained(args) -> None:
