@@ -809,6 +809,149 @@ def demo_report(args) -> None:
     print(text)
 
 
+def read_metrics(run_dir: str) -> list:
+    """A run's metrics.jsonl, one record per iteration: a resumed run logs again the iterations after its
+    checkpoint, and the last record of an iteration is the one that counts."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = {r["iteration"]: r for r in map(json.loads, filter(str.strip, f))}
+    return [records[i] for i in sorted(records)]
+
+
+def demo_curves(args) -> None:
+    """OUT/curves.md and OUT/curves.png: strict accuracy at every evaluation of the demo's runs (eval_every),
+    against iteration and against training seconds (evaluations excluded), read from the run directories
+    runs/shapes_demo/OUT/* as they are written, so running runs count up to their last evaluation. Each
+    evaluation is paired with the run's first (McNemar); per method and iteration, the mean ± s.e. over the
+    seeds that reached it; --threshold: the first evaluation whose mean reaches that strict accuracy."""
+    root = os.path.join("runs", "shapes_demo", os.path.basename(os.path.normpath(args.out)))
+    found = {}  # method -> seed -> [(iteration, training seconds, accuracy, gained, lost, p, rollouts' score)]
+    for run_dir in sorted(glob.glob(os.path.join(root, "*_s*"))):
+        if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+            continue
+        method, seed = os.path.basename(run_dir).rsplit("_s", 1)
+        history = read_metrics(run_dir)
+        if not history or history[0].get("eval_scores_before") is None:
+            continue
+        before, seconds, window, points = history[0]["eval_scores_before"], 0.0, [], []
+        points.append((0, 0.0, statistics.mean(before), 0, 0, 1.0, float("nan")))
+        for h in history:
+            seconds, window = seconds + h["seconds"], window + [h["reward_mean"]]
+            if h.get("eval_scores") is not None:
+                gained, lost, p = runs.mcnemar(before, h["eval_scores"])
+                points.append((h["iteration"] + 1, seconds, h["eval_reward"], gained, lost, p, statistics.mean(window)))
+                window = []
+        found.setdefault(method.replace("_", " "), {})[int(seed)] = points
+    if not found:
+        raise SystemExit(f"no run with an evaluation under {root}: run `python experiments.py demo` first")
+    rows = [
+        "| method | iteration | seeds | training min | strict accuracy (mean ± s.e.) | gained / lost vs before "
+        "| seeds with a rise at p < 0.05 | rollouts' graded score since the last evaluation |",
+        "|---" * 8 + "|",
+    ]
+    os.makedirs(args.out, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    reached = []
+    for method, seeds in found.items():
+        curve = []
+        for it in sorted({pt[0] for pts in seeds.values() for pt in pts}):
+            at = [pt for pts in seeds.values() for pt in pts if pt[0] == it]
+            acc, minutes = [pt[2] for pt in at], statistics.mean(pt[1] for pt in at) / 60
+            se = statistics.stdev(acc) / math.sqrt(len(acc)) if len(acc) > 1 else float("nan")
+            rises = sum(pt[3] > pt[4] and pt[5] < 0.05 for pt in at)
+            rollout = statistics.mean(pt[6] for pt in at)
+            curve.append((it, minutes, statistics.mean(acc), se))
+            rows.append(
+                f"| {method} | {it} | {len(at)} | {minutes:.0f} | {statistics.mean(acc):.3f} ± {se:.3f} "
+                f"| {sum(pt[3] for pt in at)} / {sum(pt[4] for pt in at)} | {rises} of {len(at)} "
+                f"| {'' if it == 0 else f'{rollout:.3f}'} |"
+            )
+        first = next((it for it, _, acc, _ in curve if args.threshold and acc >= args.threshold), None)
+        if args.threshold:
+            reached.append(f"- {method}: strict accuracy {args.threshold} first reached at iteration {first}")
+        its, mins, acc, se = (np.array(v, dtype=float) for v in zip(*curve, strict=True))
+        for ax, xs in zip(axes, (its, mins), strict=True):
+            ax.plot(xs, acc, marker="o", label=method)
+            ax.fill_between(xs, acc - np.nan_to_num(se), acc + np.nan_to_num(se), alpha=0.2)
+    for ax, label in zip(axes, ("iteration", "training minutes (evaluations excluded)"), strict=True):
+        ax.set_xlabel(label)
+        ax.set_ylabel("strict accuracy, held-out noise")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "curves.png"), dpi=110)
+    plt.close(fig)
+    text = (
+        f"`python experiments.py demo_curves --out {args.out}`: every evaluation of the runs in {root}, each "
+        "paired with its run's first (McNemar, exact).\n\n" + "\n".join(rows) + "\n\n" + "\n".join(reached) + "\n"
+    )
+    with open(os.path.join(args.out, "curves.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+def brightness(images, prompts):
+    """A reward every pixel moves: the picture's mean brightness in [0, 1], (B,)."""
+    return images.float().mean(dim=tuple(range(1, images.ndim)))
+
+
+def trainer_check(args) -> None:
+    """Does the shapes trainer raise a reward that every pixel moves? GRPO on the demo's preset with the
+    pictures' mean brightness as the reward, --iterations (25): the rollouts' reward and KL to the reference
+    per iteration. A rise says that sampler, ratio, gradient and update work on the shapes backend, so a
+    flat GenEval score is that score's signal at the demo's batch. Writes trainer_check.md."""
+    torch.set_num_threads(args.threads)
+    config = vgpo.Config(model="shapes", output_dir="", reward_workers=0, **METHODS["GRPO"])
+    backend, reward_fn, _, optimizer = vgpo.setup(config, reward_fn=brightness)
+    sigmas, rows = backend.sigmas(config.num_steps), []
+    for it in tqdm(range(args.iterations or 25), desc="brightness"):
+        r = vgpo.train_iteration(backend, reward_fn, optimizer, sigmas, config, it)
+        rows.append(f"| {it} | {r['reward_mean']:.3f} | {r['kl_ref']:.1e} | {r['clipfrac']:.3f} |")
+    text = (
+        "`python experiments.py trainer_check`: GRPO, the shapes demo's preset, reward = mean brightness of the "
+        "picture.\n\n| iteration | rollouts' reward | KL to the reference | clipfrac |\n|---|---|---|---|\n"
+        + "\n".join(rows)
+        + "\n"
+    )
+    with open(os.path.join(args.out, "trainer_check.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+@torch.no_grad()
+def noise_share(args) -> None:
+    """Which noise decides the graded score of a rollout? The policy gradient credits the SDE noise of
+    each step (Eq. 7), not the initial noise. For each demo prompt: 16 initial noises x 8 SDE draws each
+    (the preset's 10 steps and noise level), the graded score's variance over all 128 samples, and the
+    mean variance within an initial noise: their ratio is the share the SDE noise decides. Writes noise_share.md."""
+    torch.set_num_threads(args.threads)
+    config = vgpo.Config(model="shapes", output_dir="", reward_workers=0)
+    backend, score, strict, _ = vgpo.setup(config)
+    sigmas, n_init, n_sde, rows = backend.sigmas(config.num_steps), 16, 8, []
+    for prompt in backends.shapes_prompt_list(config.shapes_prompts):
+        x = backend.noise(n_init, torch.Generator().manual_seed(123)).repeat_interleave(n_sde, 0)  # (128, D...)
+        prompts, gen = [prompt] * len(x), torch.Generator().manual_seed(7)
+        cond = backend.encode(prompts)
+        for k in range(config.num_steps):
+            eps = backends.randn(x.shape, gen, x.device)
+            v = backend.velocity(x, sigmas[k], cond)
+            x = vgpo.sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], config.noise_level, noise=eps)[0]
+        images = backend.decode(x)
+        r = score(images, prompts).view(n_init, n_sde)
+        total, within = r.flatten().var().item(), r.var(1).mean().item()
+        rows.append(
+            f"| {prompt} | {r.mean().item():.3f} | {strict(images, prompts).mean().item():.3f} | {total:.3f} "
+            f"| {within:.3f} | {within / total:.2f} | {int((r.amax(1) == r.amin(1)).sum())} of {n_init} |"
+        )
+    text = (
+        f"`python experiments.py noise_share`: the shapes demo's prompts, {n_init} initial noises x {n_sde} SDE draws "
+        f"({config.num_steps} steps, noise level {config.noise_level}), graded score.\n\n"
+        "| prompt | graded score | strict | variance | within an initial noise | share of the SDE noise "
+        "| initial noises whose 8 draws score alike |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+    with open(os.path.join(args.out, "noise_share.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
 @torch.no_grad()
 def step_log_probs(backend, batch, k: int, sigmas, config) -> torch.Tensor:
     """log p(x_{k+1} | x_k) of a rollout's stored actions under the backend's current weights, (B,)."""
@@ -1457,6 +1600,9 @@ def main(argv=None):
             "shapes_failures",
             "demo",
             "demo_report",
+            "demo_curves",
+            "trainer_check",
+            "noise_share",
             "bf16",
             "premise",
             "gradients",
@@ -1464,7 +1610,12 @@ def main(argv=None):
     )
     parser.add_argument("runs", nargs="*", help="curves: run directories (each with a metrics.jsonl)")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--iterations", type=int, default=None, help="methods, sweep: toy iterations; shapes: preset's")
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=None,
+        help="methods, sweep: toy iterations; shapes, demo: preset's; trainer_check: 25",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--methods", default="", help="methods: a comma-separated subset of METHODS")
     parser.add_argument("--kappa", type=float, default=None, help="methods: kappa of the methods with an anchor")
@@ -1483,11 +1634,14 @@ def main(argv=None):
     parser.add_argument("--rewards", default="strict,score", help="shapes: the rewards trained on (strict, score)")
     parser.add_argument("--sweep", action="store_true", help="shapes: also kappa 0.5, 2 and gamma 0.5, 0.99 (VGPO)")
     parser.add_argument("--value_steps", type=int, default=1, help="shapes: Config.value_steps of every run")
-    parser.add_argument("--threads", type=int, default=2, help="premise, gradients, bf16: torch threads")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="premise, gradients, bf16, trainer_check, noise_share: torch threads"
+    )
     parser.add_argument("--premise_groups", type=int, default=16, help="premise, gradients: prompts (groups of G)")
     parser.add_argument("--per_prompt", type=int, default=32, help="shapes_base_rates: samples per prompt")
     parser.add_argument("--categories", default="single object,counting", help="shapes_base_rates: categories")
     parser.add_argument("--overrides", default="", help="demo: Config fields as JSON, e.g. '{\"lr\": 3e-4}'")
+    parser.add_argument("--threshold", type=float, default=0, help="demo_curves: a strict accuracy to reach")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     if args.iterations is None and args.what in ("methods", "sweep", "diagnostics"):
@@ -1509,6 +1663,9 @@ def main(argv=None):
         shapes_failures=shapes_failures,
         demo=demo,
         demo_report=demo_report,
+        demo_curves=demo_curves,
+        trainer_check=trainer_check,
+        noise_share=noise_share,
         bf16=bf16,
         premise=premise,
         gradients=gradients,

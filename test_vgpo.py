@@ -2337,6 +2337,37 @@ def test_demo_runs_pair_their_evaluations_resume_and_report(shapes_weights, tmp_
     assert (tmp_path / "out" / "demo.md").read_text().splitlines()[2:] == report.splitlines()[2:]
 
 
+def test_demo_curves_read_running_runs_keep_a_resumed_iterations_last_record_and_pair_each_evaluation(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    before = [0, 0, 0, 1, 1, 0]
+    later = {0: {2: [1, 1, 0, 1, 1, 0], 4: [1, 1, 1, 1, 0, 0]}, 1: {2: [1, 0, 0, 1, 1, 0]}}  # seed 1 still running
+    for seed, evals in later.items():
+        run = tmp_path / "runs" / "shapes_demo" / "out" / f"GRPO_s{seed}"
+        run.mkdir(parents=True)
+        lines = []
+        for it in range(4 if seed == 0 else 2):
+            record = {"iteration": it, "seconds": 30.0, "reward_mean": 0.1 * it}
+            if it == 0:
+                record |= {"eval_scores_before": before, "eval_reward_before": statistics.mean(before)}
+            if it + 1 in evals:
+                record |= {"eval_scores": evals[it + 1], "eval_reward": statistics.mean(evals[it + 1])}
+            lines.append(record)
+        if seed == 0:  # killed after iteration 2, resumed from iteration 0's checkpoint: 1 and 2 logged twice
+            lines[1:1] = [{"iteration": it, "seconds": 99.0, "reward_mean": 9.0} for it in (1, 2)]
+        run.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    experiments.main(["demo_curves", "--out", "out", "--threshold", "0.6"])
+    text = (tmp_path / "out" / "curves.md").read_text()
+    assert (tmp_path / "out" / "curves.png").exists()
+    # iteration 2: both seeds, 4/6 and 3/6 -> mean 0.583, s.e. 0.083; 3 gained 0 lost in all; seed 0 read from
+    # its resumed records (30 s, not 99 s: 2 iterations, 1 min); rollouts' graded score (0 + 0.1) / 2 in both
+    assert "| GRPO | 2 | 2 | 1 | 0.583 ± 0.083 | 3 / 0 | 0 of 2 | 0.050 |" in text
+    gained, lost, _ = runs.mcnemar(before, later[0][4])
+    assert (gained, lost) == (3, 1) and "| GRPO | 4 | 1 | 2 | 0.667 ± nan | 3 / 1 | 0 of 1 | 0.250 |" in text
+    assert "strict accuracy 0.6 first reached at iteration 4" in text
+
+
 def test_trained_report_pairs_each_policys_picture_with_the_bases_and_counts_the_reward_against_the_labels(
     tmp_path,
 ):
