@@ -342,8 +342,8 @@ def frontier(args) -> None:
     print(text)
 
 
-DEMO_RUNS = os.path.join("runs", "shapes_demo", "shapes_demo")  # `experiments.py demo`'s run directories
-DEMO_RECORDS = os.path.join("results", "shapes_demo", "demo_runs")  # and its finished records
+DEMO = os.path.join("results", "shapes_demo")  # `experiments.py demo --out DEMO`: records in DEMO/demo_runs,
+# run directories (checkpoints) in runs/shapes_demo/<DEMO's last folder>
 
 
 def _evaluation_pictures(backend, config, n: int) -> tuple[np.ndarray, list]:
@@ -355,23 +355,28 @@ def _evaluation_pictures(backend, config, n: int) -> tuple[np.ndarray, list]:
 
 def trained(args) -> None:
     """Pictures of the demo's trained policies to label (RL finds a reward's holes): for each seed
-    --from_seed .. --seeds - 1, the first --per_run evaluation pictures of the base model and of each
+    --from_seed .. --seeds - 1 of the demo run with `experiments.py demo --out` --demo (its records give the
+    runs' Config overrides), the first --per_run evaluation pictures of the base model and of each
     method's trained LoRA (the same prompts and noise), shuffled into --out (images.npz, samples.json;
     split "test": the reward is never tuned on them), appended after the pictures already there (new ids,
     so that labelled pictures keep theirs). The strict verdicts are checked against the runs' records."""
     rng = np.random.default_rng(20261205 + args.from_seed)
     images, records, mismatched = [], [], 0
     strict = rewards.load_reward("geneval_shapes")
+    run_dirs = os.path.join("runs", "shapes_demo", os.path.basename(os.path.normpath(args.demo)))
     for seed in range(args.from_seed, args.seeds):
-        config = vgpo.Config(model="shapes", seed=seed, output_dir="")
         for source in ("base", "GRPO", "VGPO"):
+            with open(
+                os.path.join(args.demo, "demo_runs", f"{'GRPO' if source == 'base' else source}_s{seed}.json")
+            ) as f:
+                record = json.load(f)
+            history = record["history"]
+            config = vgpo.Config(model="shapes", **record["overrides"], seed=seed, output_dir="")
             backend = vgpo.build_backend(config)
             if source != "base":
-                state = torch.load(os.path.join(DEMO_RUNS, f"{source}_s{seed}", "checkpoint.pt"), weights_only=False)
+                state = torch.load(os.path.join(run_dirs, f"{source}_s{seed}", "checkpoint.pt"), weights_only=False)
                 runs.set_lora(backend, state["lora"])
             arrs, prompts = _evaluation_pictures(backend, config, args.per_run)
-            with open(os.path.join(DEMO_RECORDS, f"{'GRPO' if source == 'base' else source}_s{seed}.json")) as f:
-                history = json.load(f)["history"]
             recorded = history[0]["eval_scores_before"] if source == "base" else history[-1]["eval_scores"]
             verdict = strict(as_batch(arrs), prompts).numpy()
             mismatched += int((verdict != np.array(recorded[: len(arrs)])).sum())
@@ -452,6 +457,7 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=2, help="trained: the demo's seeds up to N-1")
     parser.add_argument("--from_seed", type=int, default=0, help="trained: the first seed (appended to --out)")
     parser.add_argument("--per_run", type=int, default=48, help="trained: evaluation pictures per run")
+    parser.add_argument("--demo", default=DEMO, help="trained: the demo's --out (its records and run directories)")
     parser.add_argument("ids", nargs="*", type=int, help="zoom: picture ids")
     parser.add_argument("--out", default=OUT)
     args = parser.parse_args(argv)
