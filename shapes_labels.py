@@ -431,7 +431,7 @@ def trained_report(args) -> None:
             f" ({gained} gained, {lost} lost, McNemar exact p = {p:.2g})"
         )
     text = (
-        "`python shapes_labels.py trained_report --out results/labels_trained`: the demo's pictures (base and "
+        f"`python shapes_labels.py trained_report --out {args.out}`: the demo's pictures (base and "
         "trained policies, the runs' own evaluation prompts and noise) labelled by looking, blind to the source "
         "and to any reward, against the strict reward (v3).\n\n" + "\n".join(rows) + "\n\n" + "\n".join(lines) + "\n"
     )
