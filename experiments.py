@@ -32,6 +32,7 @@ import io
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import statistics
 import time
@@ -91,6 +92,14 @@ def run_one(job: tuple) -> dict:
         "zero_std_ratio": statistics.mean(h["zero_std_ratio"] for h in history),
         "sec_per_iter": statistics.mean(h["seconds"] for h in history),
     }
+
+
+def fresh_pool(workers: int):
+    """A pool of spawned worker processes, one run each (maxtasksperchild=1): a worker forked from this
+    process copies the locks its other threads hold at that moment (the pool's, tqdm's) and can hang on
+    one (seen: `demo` replacing the workers of finished runs hung both new workers in their first
+    iteration); a spawned worker imports this module anew."""
+    return multiprocessing.get_context("spawn").Pool(workers, maxtasksperchild=1)
 
 
 def run_all(jobs: list, workers: int) -> list[dict]:
@@ -362,7 +371,7 @@ def shapes_runs(args) -> None:
     """GRPO vs each part of VGPO on the shapes benchmark (the demo's preset, held-out strict accuracy),
     run by run in the background: python experiments.py shapes; then python experiments.py shapes_report."""
     jobs = shapes_jobs(args)
-    with Pool(args.workers, maxtasksperchild=1) as pool:
+    with fresh_pool(args.workers) as pool:
         for record in tqdm(pool.imap(shapes_run, jobs), total=len(jobs), desc="shapes runs"):
             tqdm.write(f"{record['reward']} {record['method']} seed {record['seed']}: {record['final']}")
     shapes_report(args)
@@ -742,7 +751,7 @@ def demo(args) -> None:
     threads = max(1, torch.get_num_threads() // args.workers)
     jobs = [(m, s, overrides, args.out, threads) for s in range(args.seeds) for m in names]
     with contextlib.ExitStack() as stack:  # one worker: in this process (a fork after torch ran can hang)
-        pool = stack.enter_context(Pool(args.workers, maxtasksperchild=1)) if args.workers > 1 else None
+        pool = stack.enter_context(fresh_pool(args.workers)) if args.workers > 1 else None
         for r in tqdm(pool.imap(demo_run, jobs) if pool else map(demo_run, jobs), total=len(jobs), desc="demo runs"):
             tqdm.write(f"{r['method']} seed {r['seed']}: {r['before']:.3f} -> {r['after']:.3f} (p = {r['p']:.2g})")
     demo_report(args)
