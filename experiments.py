@@ -819,8 +819,9 @@ def demo_report(args) -> None:
 
 
 def read_metrics(run_dir: str) -> list:
-    """A run's metrics.jsonl, one record per iteration: a resumed run logs again the iterations after its
-    checkpoint, and the last record of an iteration is the one that counts."""
+    """A run's metrics.jsonl, one record per iteration. vgpo.train rewrites the file from its checkpoint on
+    resume (runs.RunFiles.start), so it holds each iteration once; should a file hold an iteration twice
+    (appended by other means), its last record counts."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = {r["iteration"]: r for r in map(json.loads, filter(str.strip, f))}
     return [records[i] for i in sorted(records)]

@@ -2337,7 +2337,7 @@ def test_demo_runs_pair_their_evaluations_resume_and_report(shapes_weights, tmp_
     assert (tmp_path / "out" / "demo.md").read_text().splitlines()[2:] == report.splitlines()[2:]
 
 
-def test_demo_curves_read_running_runs_keep_a_resumed_iterations_last_record_and_pair_each_evaluation(
+def test_demo_curves_read_running_runs_keep_an_iterations_last_record_and_pair_each_evaluation(
     tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
@@ -2354,14 +2354,14 @@ def test_demo_curves_read_running_runs_keep_a_resumed_iterations_last_record_and
             if it + 1 in evals:
                 record |= {"eval_scores": evals[it + 1], "eval_reward": statistics.mean(evals[it + 1])}
             lines.append(record)
-        if seed == 0:  # killed after iteration 2, resumed from iteration 0's checkpoint: 1 and 2 logged twice
+        if seed == 0:  # iterations 1 and 2 logged twice (vgpo.train rewrites on resume; a file appended by hand)
             lines[1:1] = [{"iteration": it, "seconds": 99.0, "reward_mean": 9.0} for it in (1, 2)]
         run.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     experiments.main(["demo_curves", "--out", "out", "--threshold", "0.6"])
     text = (tmp_path / "out" / "curves.md").read_text()
     assert (tmp_path / "out" / "curves.png").exists()
     # iteration 2: both seeds, 4/6 and 3/6 -> mean 0.583, s.e. 0.083; 3 gained 0 lost in all; seed 0 read from
-    # its resumed records (30 s, not 99 s: 2 iterations, 1 min); rollouts' graded score (0 + 0.1) / 2 in both
+    # each iteration's last record (30 s, not 99 s: 2 iterations, 1 min); rollouts' graded score (0 + 0.1) / 2
     assert "| GRPO | 2 | 2 | 1 | 0.583 ± 0.083 | 3 / 0 | 0 of 2 | 0.050 |" in text
     gained, lost, _ = runs.mcnemar(before, later[0][4])
     assert (gained, lost) == (3, 1) and "| GRPO | 4 | 1 | 2 | 0.667 ± nan | 3 / 1 | 0 of 1 | 0.250 |" in text
