@@ -2337,9 +2337,7 @@ def test_demo_runs_pair_their_evaluations_resume_and_report(shapes_weights, tmp_
     assert (tmp_path / "out" / "demo.md").read_text().splitlines()[2:] == report.splitlines()[2:]
 
 
-def test_demo_curves_read_running_runs_keep_an_iterations_last_record_and_pair_each_evaluation(
-    tmp_path, monkeypatch
-):
+def test_demo_curves_read_running_runs_keep_an_iterations_last_record_and_pair_each_evaluation(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     before = [0, 0, 0, 1, 1, 0]
     later = {0: {2: [1, 1, 0, 1, 1, 0], 4: [1, 1, 1, 1, 0, 0]}, 1: {2: [1, 0, 0, 1, 1, 0]}}  # seed 1 still running
