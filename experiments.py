@@ -832,7 +832,8 @@ def demo_curves(args) -> None:
     against iteration and against training seconds (evaluations excluded), read from the run directories
     runs/shapes_demo/OUT/* as they are written, so running runs count up to their last evaluation. Each
     evaluation is paired with the run's first (McNemar); per method and iteration, the mean ± s.e. over the
-    seeds that reached it; --threshold: the first evaluation whose mean reaches that strict accuracy."""
+    seeds that reached it; --threshold: the first evaluation whose mean reaches that strict accuracy. With two
+    methods, their difference at each evaluation paired by seed (paired_t)."""
     root = os.path.join("runs", "shapes_demo", os.path.basename(os.path.normpath(args.out)))
     found = {}  # method -> seed -> [(iteration, training seconds, accuracy, gained, lost, p, rollouts' score)]
     for run_dir in sorted(glob.glob(os.path.join(root, "*_s*"))):
@@ -882,6 +883,27 @@ def demo_curves(args) -> None:
         for ax, xs in zip(axes, (its, mins), strict=True):
             ax.plot(xs, acc, marker="o", label=method)
             ax.fill_between(xs, acc - np.nan_to_num(se), acc + np.nan_to_num(se), alpha=0.2)
+    paired = []
+    if len(found) == 2:  # the second method minus the first at the same seed: the same evaluation noise and base
+        (a, seeds_a), (b, seeds_b) = found.items()
+        common = sorted(set(seeds_a) & set(seeds_b))
+        at = {(m, s): {pt[0]: pt[2] for pt in pts} for m, runs_ in found.items() for s, pts in runs_.items()}
+        for it in sorted({it for s in common for it in at[a, s]} - {0}):
+            diffs = [at[b, s][it] - at[a, s][it] for s in common if it in at[a, s] and it in at[b, s]]
+            test = paired_t(diffs)
+            per_seed = " / ".join(f"{d:+.3f}" for d in diffs)
+            paired.append(
+                f"| {it} | {test['n']} | {per_seed} | {test['mean']:+.3f} ± {test['se']:.3f} "
+                f"| {test['p']:.2g} | {test['mdd']:.3f} |"
+            )
+        if paired:
+            paired = [
+                f"{b} - {a}, paired by seed (the same evaluation noise and base): per seed, mean ± s.e., paired "
+                "t-test p, and the difference these seeds detect (80 % power, 5 % level).\n",
+                "| iteration | seeds | per seed | mean ± s.e. | p | detectable |",
+                "|---" * 6 + "|",
+                *paired,
+            ]
     for ax, label in zip(axes, ("iteration", "training minutes (evaluations excluded)"), strict=True):
         ax.set_xlabel(label)
         ax.set_ylabel("strict accuracy, held-out noise")
@@ -891,7 +913,9 @@ def demo_curves(args) -> None:
     plt.close(fig)
     text = (
         f"`python experiments.py demo_curves --out {args.out}`: every evaluation of the runs in {root}, each "
-        "paired with its run's first (McNemar, exact).\n\n" + "\n".join(rows) + "\n\n" + "\n".join(reached) + "\n"
+        "paired with its run's first (McNemar, exact).\n\n"
+        + "\n\n".join("\n".join(part) for part in (rows, reached, paired) if part)
+        + "\n"
     )
     with open(os.path.join(args.out, "curves.md"), "w") as f:
         f.write(text)

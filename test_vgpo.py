@@ -2341,8 +2341,10 @@ def test_demo_curves_read_running_runs_keep_an_iterations_last_record_and_pair_e
     monkeypatch.chdir(tmp_path)
     before = [0, 0, 0, 1, 1, 0]
     later = {0: {2: [1, 1, 0, 1, 1, 0], 4: [1, 1, 1, 1, 0, 0]}, 1: {2: [1, 0, 0, 1, 1, 0]}}  # seed 1 still running
-    for seed, evals in later.items():
-        run = tmp_path / "runs" / "shapes_demo" / "out" / f"GRPO_s{seed}"
+    vgpo_later = {0: {2: [1, 1, 1, 1, 1, 0]}, 1: {2: [1, 1, 1, 1, 1, 1]}}  # VGPO - GRPO at 2: +1/6, +3/6
+    runs_ = [(("GRPO", s), e) for s, e in later.items()] + [(("VGPO", s), e) for s, e in vgpo_later.items()]
+    for (method, seed), evals in runs_:
+        run = tmp_path / "runs" / "shapes_demo" / "out" / f"{method}_s{seed}"
         run.mkdir(parents=True)
         lines = []
         for it in range(4 if seed == 0 else 2):
@@ -2364,6 +2366,9 @@ def test_demo_curves_read_running_runs_keep_an_iterations_last_record_and_pair_e
     gained, lost, _ = runs.mcnemar(before, later[0][4])
     assert (gained, lost) == (3, 1) and "| GRPO | 4 | 1 | 2 | 0.667 ± nan | 3 / 1 | 0 of 1 | 0.250 |" in text
     assert "strict accuracy 0.6 first reached at iteration 4" in text
+    # paired by seed at iteration 2: +1/6, +3/6 -> mean 1/3, s.e. 1/6, t = 2 on 1 df (Cauchy): p = 1 - 2 atan(2) / pi
+    # = 0.295; detectable (t_0.975 + t_0.8) s.e. = (tan(0.475 pi) + tan(0.3 pi)) / 6 = 2.347
+    assert "| 2 | 2 | +0.167 / +0.500 | +0.333 ± 0.167 | 0.3 | 2.347 |" in text
 
 
 def test_trained_report_pairs_each_policys_picture_with_the_bases_and_counts_the_reward_against_the_labels(
