@@ -14,6 +14,10 @@
     python experiments.py shapes_failures # why the strict reward fails, before and after training
     python experiments.py demo          # the shapes demo over seeds, GRPO and VGPO: paired McNemar per run
     python experiments.py demo_report   # its table (demo.md), from the finished runs
+    python experiments.py demo_curves   # strict accuracy at every evaluation, mean +- s.e. over seeds, paired
+    python experiments.py demo_samplers # the demo's policies drawn as evaluated (ODE) and as trained (SDE)
+    python experiments.py trainer_check # does the shapes trainer raise a reward every pixel moves?
+    python experiments.py noise_share   # how much of the graded score the SDE noise decides
     python experiments.py bf16          # the demo's iteration in float32 against bf16 autocast: time, ratio
     python experiments.py premise       # does the one-step projection predict the final reward?
     python experiments.py gradients     # do the groups' policy gradients share a direction?
@@ -922,6 +926,92 @@ def demo_curves(args) -> None:
     print(text)
 
 
+def sampled_both_ways(backend, config: vgpo.Config, strict, graded) -> dict:
+    """A policy's pictures on its run's evaluation prompts drawn two ways: as evaluated (ODE, eval_steps, the
+    evaluation's noise, so the strict verdicts are the run's own) and as trained (the SDE of Eq. 7, num_steps,
+    noise_level, one generator per sample). Each: strict verdicts and graded scores, (B,) numpy each."""
+    prompts, scored = backend.eval_prompts(config.eval_samples), []
+
+    def both(images, prompts_):
+        scored.append(graded(images, prompts_))
+        return strict(images, prompts_)
+
+    chunk = config.prompts_per_iteration * config.group_size
+    ode = vgpo.evaluate(backend, both, prompts, config.eval_steps, vgpo.make_generator(config.seed, 2), chunk)[0]
+    ode_graded, scored = torch.cat(scored), []
+    noise = [vgpo.make_generator(config.seed, 8, i) for i in range(len(prompts))]
+    sigmas = backend.sigmas(config.num_steps)
+    sde = vgpo.rollout(backend, prompts, sigmas, config.noise_level, both, noise, instant=False).rewards[:, -1]
+    return {"prompts": prompts, "ode": ode.numpy(), "ode_graded": ode_graded.numpy(), "sde": sde.numpy(),
+            "sde_graded": scored[0].numpy()}  # fmt: skip
+
+
+def demo_samplers(args) -> None:
+    """Did training improve the pictures it trains on? Each finished demo run's final policy and the base model
+    (seeds < --seeds) sampled as evaluated (ODE) and as trained (SDE) on the run's evaluation prompts, the same
+    noise for base and policy within a sampler: strict accuracy (McNemar against the base) and the graded
+    training score, overall and per prompt. Writes OUT/samplers.md."""
+    torch.set_num_threads(args.threads)
+    strict, graded = rewards.load_reward("geneval_shapes"), rewards.load_reward("geneval_shapes_score")
+    run_root = os.path.join("runs", "shapes_demo", os.path.basename(os.path.normpath(args.out)))
+    records = []
+    for path in sorted(glob.glob(os.path.join(args.out, "demo_runs", "*.json"))):
+        with open(path) as f:
+            record = json.load(f)
+        if record["seed"] < args.seeds:
+            records.append(record)
+    if not records:
+        raise SystemExit(f"no finished run of seed < {args.seeds} in {args.out}/demo_runs")
+    rows = [
+        "| seed | policy | ODE strict | gained / lost, p | ODE graded | SDE strict | gained / lost, p | SDE graded "
+        "| per prompt: ODE strict / SDE strict |",
+        "|---" * 9 + "|",
+    ]
+    base = {}
+    for record in tqdm(sorted(records, key=lambda r: (r["seed"], r["method"])), desc="policies"):
+        seed = record["seed"]
+        config = vgpo.Config(model="shapes", **record["overrides"], seed=seed, output_dir="")
+        backend = vgpo.build_backend(config)
+        if seed not in base:
+            base[seed] = sampled_both_ways(backend, config, strict, graded)
+            rows.append(samplers_row(seed, "base", base[seed], None))
+        name = f"{record['method'].replace(' ', '_')}_s{seed}"
+        state = torch.load(os.path.join(run_root, name, "checkpoint.pt"), weights_only=False, map_location="cpu")
+        if state["iteration"] != record["iterations"]:  # the iterations done, saved at the end
+            raise SystemExit(f"{run_root}/{name}: its checkpoint holds {state['iteration']} of {record['iterations']}")
+        runs.set_lora(backend, state["lora"])
+        rows.append(
+            samplers_row(seed, record["method"], sampled_both_ways(backend, config, strict, graded), base[seed])
+        )
+    first = records[0]
+    text = (
+        f"`python experiments.py demo_samplers --out {args.out} --seeds {args.seeds}`: each run's final policy and "
+        f"the base model on the run's {config.eval_samples} evaluation samples, drawn as evaluated (ODE, eval_steps, "
+        "the evaluation's noise) and as trained (SDE, "
+        "num_steps, noise_level, new noise), the same noise for base and policy within a sampler; McNemar against "
+        "the base; per prompt in the order "
+        + "; ".join(p.removeprefix("a photo of ") for p in first["prompts"])
+        + ".\n\n"
+        + "\n".join(rows) + "\n"
+    )  # fmt: skip
+    with open(os.path.join(args.out, "samplers.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+def samplers_row(seed: int, policy: str, got: dict, base: dict | None) -> str:
+    """One row of demo_samplers' table."""
+    k = len(dict.fromkeys(got["prompts"]))
+    tests = {m: runs.mcnemar(base[m], got[m]) if base else None for m in ("ode", "sde")}
+    test = {m: f"{t[0]} / {t[1]}, {t[2]:.2g}" if t else "" for m, t in tests.items()}
+    per = " / ".join(f"{got['ode'][i::k].mean():.2f}" for i in range(k)) + " ; "
+    per += " / ".join(f"{got['sde'][i::k].mean():.2f}" for i in range(k))  # the evaluation cycles its k prompts
+    return (
+        f"| {seed} | {policy} | {got['ode'].mean():.3f} | {test['ode']} | {got['ode_graded'].mean():.3f} "
+        f"| {got['sde'].mean():.3f} | {test['sde']} | {got['sde_graded'].mean():.3f} | {per} |"
+    )
+
+
 def brightness(images, prompts):
     """A reward every pixel moves: the picture's mean brightness in [0, 1], (B,)."""
     return images.float().mean(dim=tuple(range(1, images.ndim)))
@@ -1635,6 +1725,7 @@ def main(argv=None):
             "demo",
             "demo_report",
             "demo_curves",
+            "demo_samplers",
             "trainer_check",
             "noise_share",
             "bf16",
@@ -1669,7 +1760,10 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true", help="shapes: also kappa 0.5, 2 and gamma 0.5, 0.99 (VGPO)")
     parser.add_argument("--value_steps", type=int, default=1, help="shapes: Config.value_steps of every run")
     parser.add_argument(
-        "--threads", type=int, default=2, help="premise, gradients, bf16, trainer_check, noise_share: torch threads"
+        "--threads",
+        type=int,
+        default=2,
+        help="premise, gradients, bf16, trainer_check, noise_share, demo_samplers: threads",
     )
     parser.add_argument("--premise_groups", type=int, default=16, help="premise, gradients: prompts (groups of G)")
     parser.add_argument("--per_prompt", type=int, default=32, help="shapes_base_rates: samples per prompt")
@@ -1698,6 +1792,7 @@ def main(argv=None):
         demo=demo,
         demo_report=demo_report,
         demo_curves=demo_curves,
+        demo_samplers=demo_samplers,
         trainer_check=trainer_check,
         noise_share=noise_share,
         bf16=bf16,

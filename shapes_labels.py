@@ -426,9 +426,14 @@ def trained_report(args) -> None:
         before = [by_key["base", s, i] for s, i in keys]
         after = [by_key[method, s, i] for s, i in keys]
         gained, lost, p = runs.mcnemar(before, after)
+        per_seed = []
+        for seed in sorted({s for s, _ in keys}):
+            b = [x for (s, _), x in zip(keys, before, strict=True) if s == seed]
+            a = [x for (s, _), x in zip(keys, after, strict=True) if s == seed]
+            per_seed.append(f"seed {seed}: {np.mean(b):.3f} -> {np.mean(a):.3f}, p = {runs.mcnemar(b, a)[2]:.2g}")
         lines.append(
             f"- {method}, by the labels, on {len(keys)} paired pictures: {np.mean(before):.3f} -> {np.mean(after):.3f}"
-            f" ({gained} gained, {lost} lost, McNemar exact p = {p:.2g})"
+            f" ({gained} gained, {lost} lost, McNemar exact p = {p:.2g}); " + "; ".join(per_seed)
         )
     text = (
         f"`python shapes_labels.py trained_report --out {args.out}`: the demo's pictures (base and "

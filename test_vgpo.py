@@ -2391,7 +2391,10 @@ def test_trained_report_pairs_each_policys_picture_with_the_bases_and_counts_the
     assert "| base | 4 | 0.500 | 0.750 | 0.750 |" in text  # one false pass (index 1)
     assert "| GRPO | 4 | 0.750 | 0.500 | 0.750 | 0.50 | 0 | 1 |" in text  # one miss (index 1)
     assert "VGPO" not in text  # no pictures of it
-    assert "GRPO, by the labels, on 4 paired pictures: 0.500 -> 0.750 (2 gained, 1 lost, McNemar exact p = 1)" in text
+    assert (
+        "GRPO, by the labels, on 4 paired pictures: 0.500 -> 0.750 (2 gained, 1 lost, McNemar exact p = 1); "
+        "seed 0: 0.500 -> 0.750, p = 1" in text
+    )
 
 
 def test_shipped_shapes_weights_reach_the_stated_base_accuracy():
