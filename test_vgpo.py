@@ -1,6 +1,7 @@
 """Tests in three tiers: closed forms of each equation, invariants, end-to-end training runs."""
 
 import ast
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -2256,6 +2257,23 @@ def test_shapes_backend_reuses_the_samplers_velocity_and_trains(shapes_weights):
         torch.testing.assert_close(
             backend.velocity(x, sigma, cond), v_u + config.guidance_scale * (v_c - v_u), rtol=1e-4, atol=1e-5
         )
+
+
+def test_demo_samplers_ode_draw_is_the_runs_own_evaluation_and_the_sde_draw_is_scored_both_ways():
+    config = vgpo.Config(model="shapes", eval_samples=6, eval_steps=4, num_steps=4, seed=3, output_dir="")
+    backend = vgpo.build_backend(config)  # the shipped weights: pictures the rewards can pass
+    strict, graded = rewards.load_reward("geneval_shapes"), rewards.load_reward("geneval_shapes_score")
+    got = experiments.sampled_both_ways(backend, config, strict, graded)
+    recorded = vgpo.evaluate_run(backend, strict, config, contextlib.nullcontext, None, "before", 0)
+    np.testing.assert_array_equal(got["ode"], recorded.numpy())  # the strict verdicts the run itself records
+    for way in ("ode", "sde"):  # a strict pass is a graded 1; the graded score is in [0, 1]
+        assert got[way].shape == got[way + "_graded"].shape == (6,)
+        assert np.all(got[way + "_graded"][got[way] == 1] == 1) and np.all(
+            (got[way + "_graded"] >= 0) & (got[way + "_graded"] <= 1)
+        )
+    assert got["prompts"] == backend.eval_prompts(6)
+    row = experiments.samplers_row(3, "same", got, got)  # a policy against itself: no pair changes
+    assert row.startswith(f"| 3 | same | {got['ode'].mean():.3f} | 0 / 0, 1 |") and "| 0 / 0, 1 |" in row[30:]
 
 
 def test_bf16_autocast_of_the_shapes_unet_stays_within_bf16_rounding():
