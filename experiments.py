@@ -836,14 +836,16 @@ def demo_curves(args) -> None:
     against iteration and against training seconds (evaluations excluded), read from the run directories
     runs/shapes_demo/OUT/* as they are written, so running runs count up to their last evaluation. Each
     evaluation is paired with the run's first (McNemar); per method and iteration, the mean ± s.e. over the
-    seeds that reached it; --threshold: the first evaluation whose mean reaches that strict accuracy. With two
-    methods, their difference at each evaluation paired by seed (paired_t)."""
+    seeds below --seeds that reached it; --threshold: the first evaluation whose mean reaches that strict
+    accuracy. With two methods, their difference at each evaluation paired by seed (paired_t)."""
     root = os.path.join("runs", "shapes_demo", os.path.basename(os.path.normpath(args.out)))
     found = {}  # method -> seed -> [(iteration, training seconds, accuracy, gained, lost, p, rollouts' score)]
     for run_dir in sorted(glob.glob(os.path.join(root, "*_s*"))):
         if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
             continue
         method, seed = os.path.basename(run_dir).rsplit("_s", 1)
+        if int(seed) >= args.seeds:
+            continue
         history = read_metrics(run_dir)
         if not history or history[0].get("eval_scores_before") is None:
             continue
@@ -916,8 +918,8 @@ def demo_curves(args) -> None:
     fig.savefig(os.path.join(args.out, "curves.png"), dpi=110)
     plt.close(fig)
     text = (
-        f"`python experiments.py demo_curves --out {args.out}`: every evaluation of the runs in {root}, each "
-        "paired with its run's first (McNemar, exact).\n\n"
+        f"`python experiments.py demo_curves --seeds {args.seeds} --out {args.out}`: every evaluation of the runs "
+        f"in {root} of seeds below {args.seeds}, each paired with its run's first (McNemar, exact).\n\n"
         + "\n\n".join("\n".join(part) for part in (rows, reached, paired) if part)
         + "\n"
     )
@@ -1734,7 +1736,7 @@ def main(argv=None):
         ],
     )
     parser.add_argument("runs", nargs="*", help="curves: run directories (each with a metrics.jsonl)")
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=5, help="demo, demo_samplers: seeds 0..N-1; demo_curves: below N")
     parser.add_argument(
         "--iterations",
         type=int,
