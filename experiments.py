@@ -989,9 +989,8 @@ def demo_samplers(args) -> None:
     text = (
         f"`python experiments.py demo_samplers --out {args.out} --seeds {args.seeds}`: each run's final policy and "
         f"the base model on the run's {config.eval_samples} evaluation samples, drawn as evaluated (ODE, eval_steps, "
-        "the evaluation's noise) and as trained (SDE, "
-        "num_steps, noise_level, new noise), the same noise for base and policy within a sampler; McNemar against "
-        "the base; per prompt in the order "
+        "the evaluation's noise) and as trained (SDE, num_steps, noise_level, new noise), the same noise for base "
+        "and policy within a sampler; McNemar against the base; per prompt in the order "
         + "; ".join(p.removeprefix("a photo of ") for p in first["prompts"])
         + ".\n\n"
         + "\n".join(rows) + "\n"
