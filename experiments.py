@@ -40,6 +40,7 @@ import multiprocessing
 import os
 import statistics
 import time
+from functools import partial
 from multiprocessing import Pool
 
 import matplotlib
@@ -952,7 +953,8 @@ def demo_samplers(args) -> None:
     """Did training improve the pictures it trains on? Each finished demo run's final policy and the base model
     (seeds < --seeds) sampled as evaluated (ODE) and as trained (SDE) on the run's evaluation prompts, the same
     noise for base and policy within a sampler: strict accuracy (McNemar against the base) and the graded
-    training score, overall and per prompt. Writes OUT/samplers.md."""
+    training score, overall and per prompt. Each policy's draws are kept in OUT/samplers/ (a rerun with more
+    seeds draws only the new runs). Writes OUT/samplers.md."""
     torch.set_num_threads(args.threads)
     strict, graded = rewards.load_reward("geneval_shapes"), rewards.load_reward("geneval_shapes_score")
     run_root = os.path.join("runs", "shapes_demo", os.path.basename(os.path.normpath(args.out)))
@@ -970,20 +972,27 @@ def demo_samplers(args) -> None:
         "|---" * 9 + "|",
     ]
     base = {}
+    os.makedirs(os.path.join(args.out, "samplers"), exist_ok=True)
     for record in tqdm(sorted(records, key=lambda r: (r["seed"], r["method"])), desc="policies"):
         seed = record["seed"]
         config = vgpo.Config(model="shapes", **record["overrides"], seed=seed, output_dir="")
-        backend = vgpo.build_backend(config)
-        if seed not in base:
-            base[seed] = sampled_both_ways(backend, config, strict, graded)
-            rows.append(samplers_row(seed, "base", base[seed], None))
         name = f"{record['method'].replace(' ', '_')}_s{seed}"
-        state = torch.load(os.path.join(run_root, name, "checkpoint.pt"), weights_only=False, map_location="cpu")
-        if state["iteration"] != record["iterations"]:  # the iterations done, saved at the end
-            raise SystemExit(f"{run_root}/{name}: its checkpoint holds {state['iteration']} of {record['iterations']}")
-        runs.set_lora(backend, state["lora"])
+        if seed not in base:
+            base[seed] = cached_draws(args.out, f"base_s{seed}", partial(vgpo.build_backend, config), strict, graded)
+            rows.append(samplers_row(seed, "base", base[seed], None))
+
+        def policy(name=name, record=record, config=config):
+            state = torch.load(os.path.join(run_root, name, "checkpoint.pt"), weights_only=False, map_location="cpu")
+            if state["iteration"] != record["iterations"]:  # the iterations done, saved at the end
+                raise SystemExit(
+                    f"{run_root}/{name}: its checkpoint holds {state['iteration']} of {record['iterations']}"
+                )
+            backend = vgpo.build_backend(config)
+            runs.set_lora(backend, state["lora"])
+            return backend
+
         rows.append(
-            samplers_row(seed, record["method"], sampled_both_ways(backend, config, strict, graded), base[seed])
+            samplers_row(seed, record["method"], cached_draws(args.out, name, policy, strict, graded), base[seed])
         )
     first = records[0]
     text = (
@@ -998,6 +1007,18 @@ def demo_samplers(args) -> None:
     with open(os.path.join(args.out, "samplers.md"), "w") as f:
         f.write(text)
     print(text)
+
+
+def cached_draws(out: str, name: str, build, strict, graded) -> dict:
+    """sampled_both_ways of the policy `build()` returns, kept in OUT/samplers/NAME.json: drawn once, read after."""
+    path = os.path.join(out, "samplers", name + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return {k: v if k == "prompts" else np.array(v) for k, v in json.load(f).items()}
+    backend = build()
+    got = sampled_both_ways(backend, backend.config, strict, graded)
+    write_record(path, {k: v if k == "prompts" else v.tolist() for k, v in got.items()})
+    return got
 
 
 def samplers_row(seed: int, policy: str, got: dict, base: dict | None) -> str:

@@ -2259,11 +2259,17 @@ def test_shapes_backend_reuses_the_samplers_velocity_and_trains(shapes_weights):
         )
 
 
-def test_demo_samplers_ode_draw_is_the_runs_own_evaluation_and_the_sde_draw_is_scored_both_ways():
+def test_demo_samplers_ode_draw_is_the_runs_own_evaluation_and_the_sde_draw_is_scored_both_ways(tmp_path):
     config = vgpo.Config(model="shapes", eval_samples=6, eval_steps=4, num_steps=4, seed=3, output_dir="")
     backend = vgpo.build_backend(config)  # the shipped weights: pictures the rewards can pass
     strict, graded = rewards.load_reward("geneval_shapes"), rewards.load_reward("geneval_shapes_score")
-    got = experiments.sampled_both_ways(backend, config, strict, graded)
+    got = experiments.cached_draws(str(tmp_path), "base_s3", lambda: backend, strict, graded)
+
+    def never():
+        raise AssertionError("a kept draw is read, not drawn again")
+
+    again = experiments.cached_draws(str(tmp_path), "base_s3", never, strict, graded)
+    assert again["prompts"] == got["prompts"] and all(np.array_equal(again[k], got[k]) for k in got if k != "prompts")
     recorded = vgpo.evaluate_run(backend, strict, config, contextlib.nullcontext, None, "before", 0)
     np.testing.assert_array_equal(got["ode"], recorded.numpy())  # the strict verdicts the run itself records
     for way in ("ode", "sde"):  # a strict pass is a graded 1; the graded score is in [0, 1]
