@@ -762,15 +762,29 @@ def demo(args) -> None:
     demo_report(args)
 
 
+def finished_demo_runs(out: str, seeds: int | None = None) -> list[dict]:
+    """The records of the demo's finished runs in OUT/demo_runs (of seeds below `seeds` when given)."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(out, "demo_runs", "*.json"))):
+        with open(path) as f:
+            record = json.load(f)
+        if seeds is None or record["seed"] < seeds:
+            found.append(record)
+    if not found:
+        below = "" if seeds is None else f" of seed < {seeds}"
+        raise SystemExit(f"no finished runs{below} in {out}/demo_runs: run `python experiments.py demo` first")
+    return found
+
+
+def demo_runs_root(out: str) -> str:
+    """Where `demo --out OUT` keeps its run directories (checkpoints, metrics): runs/shapes_demo/<OUT's name>."""
+    return os.path.join("runs", "shapes_demo", os.path.basename(os.path.normpath(out)))
+
+
 def demo_report(args) -> None:
     """OUT/demo.md: every run's paired before/after (McNemar), the rises per method, and the methods
     paired by seed (paired t-test and the difference the seeds can detect)."""
-    found = []
-    for path in sorted(glob.glob(os.path.join(args.out, "demo_runs", "*.json"))):
-        with open(path) as f:
-            found.append(json.load(f))
-    if not found:
-        raise SystemExit(f"no finished runs in {args.out}/demo_runs: run `python experiments.py demo` first")
+    found = finished_demo_runs(args.out)
     rows = [
         "| method | seed | strict before | after | gained | lost | McNemar p | rise at p < 0.05 | per prompt after "
         "| rollouts' graded score, first -> last 10 it. | groups all pass / all fail | s / iter | wall min |",
@@ -839,7 +853,7 @@ def demo_curves(args) -> None:
     evaluation is paired with the run's first (McNemar); per method and iteration, the mean ± s.e. over the
     seeds below --seeds that reached it; --threshold: the first evaluation whose mean reaches that strict
     accuracy. With two methods, their difference at each evaluation paired by seed (paired_t)."""
-    root = os.path.join("runs", "shapes_demo", os.path.basename(os.path.normpath(args.out)))
+    root = demo_runs_root(args.out)
     found = {}  # method -> seed -> [(iteration, training seconds, accuracy, gained, lost, p, rollouts' score)]
     for run_dir in sorted(glob.glob(os.path.join(root, "*_s*"))):
         if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
@@ -957,15 +971,7 @@ def demo_samplers(args) -> None:
     seeds draws only the new runs). Writes OUT/samplers.md."""
     torch.set_num_threads(args.threads)
     strict, graded = rewards.load_reward("geneval_shapes"), rewards.load_reward("geneval_shapes_score")
-    run_root = os.path.join("runs", "shapes_demo", os.path.basename(os.path.normpath(args.out)))
-    records = []
-    for path in sorted(glob.glob(os.path.join(args.out, "demo_runs", "*.json"))):
-        with open(path) as f:
-            record = json.load(f)
-        if record["seed"] < args.seeds:
-            records.append(record)
-    if not records:
-        raise SystemExit(f"no finished run of seed < {args.seeds} in {args.out}/demo_runs")
+    run_root, records = demo_runs_root(args.out), finished_demo_runs(args.out, args.seeds)
     rows = [
         "| seed | policy | ODE strict | gained / lost, p | ODE graded | SDE strict | gained / lost, p | SDE graded "
         "| per prompt: ODE strict / SDE strict |",
