@@ -899,7 +899,9 @@ def demo_curves(args) -> None:
             )
         first = next((it for it, _, acc, _ in curve if args.threshold and acc >= args.threshold), None)
         if args.threshold:
-            reached.append(f"- {method}: strict accuracy {args.threshold} first reached at iteration {first}")
+            last = curve[-1][0]
+            when = f"not reached by iteration {last}" if first is None else f"first reached at iteration {first}"
+            reached.append(f"- {method}: mean strict accuracy {args.threshold} {when}")
         its, mins, acc, se = (np.array(v, dtype=float) for v in zip(*curve, strict=True))
         for ax, xs in zip(axes, (its, mins), strict=True):
             ax.plot(xs, acc, marker="o", label=method)

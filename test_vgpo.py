@@ -2389,10 +2389,15 @@ def test_demo_curves_read_running_runs_keep_an_iterations_last_record_and_pair_e
     assert "| GRPO | 2 | 2 | 1 | 0.583 ± 0.083 | 3 / 0 | 0 of 2 | 0.050 |" in text
     gained, lost, _ = runs.mcnemar(before, later[0][4])
     assert (gained, lost) == (3, 1) and "| GRPO | 4 | 1 | 2 | 0.667 ± nan | 3 / 1 | 0 of 1 | 0.250 |" in text
-    assert "strict accuracy 0.6 first reached at iteration 4" in text
+    assert "GRPO: mean strict accuracy 0.6 first reached at iteration 4" in text
+    assert "VGPO: mean strict accuracy 0.6 first reached at iteration 2" in text  # (5/6 + 6/6) / 2
     # paired by seed at iteration 2: +1/6, +3/6 -> mean 1/3, s.e. 1/6, t = 2 on 1 df (Cauchy): p = 1 - 2 atan(2) / pi
     # = 0.295; detectable (t_0.975 + t_0.8) s.e. = (tan(0.475 pi) + tan(0.3 pi)) / 6 = 2.347
     assert "| 2 | 2 | +0.167 / +0.500 | +0.333 ± 0.167 | 0.3 | 2.347 |" in text
+    experiments.main(["demo_curves", "--out", "out", "--threshold", "0.95"])
+    text = (tmp_path / "out" / "curves.md").read_text()
+    assert "GRPO: mean strict accuracy 0.95 not reached by iteration 4" in text
+    assert "VGPO: mean strict accuracy 0.95 not reached by iteration 2" in text
 
 
 def test_trained_report_pairs_each_policys_picture_with_the_bases_and_counts_the_reward_against_the_labels(
