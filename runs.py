@@ -100,8 +100,8 @@ def mcnemar(before, after) -> tuple[int, int, float]:
     Outcomes are scores >= 0.5 (1 = pass); `before` and `after` are equal-length sequences."""
     if len(before) != len(after):
         raise ValueError(f"paired outcomes need equal lengths, got {len(before)} and {len(after)}")
-    gained = sum(a >= 0.5 > b for b, a in zip(before, after, strict=True))
-    lost = sum(b >= 0.5 > a for b, a in zip(before, after, strict=True))
+    gained = int(sum(a >= 0.5 > b for b, a in zip(before, after, strict=True)))  # int: numpy outcomes sum to
+    lost = int(sum(b >= 0.5 > a for b, a in zip(before, after, strict=True)))  # np.int64, whose 2**n wraps at 63
     n = gained + lost
     tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2**n
     return gained, lost, min(1.0, 2 * tail)

@@ -1697,6 +1697,17 @@ def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_pairs():
     assert runs.mcnemar([0.0, 0.4], [0.6, 1.0])[:2] == (2, 0)  # outcomes are scores >= 0.5
     with pytest.raises(ValueError, match="equal lengths, got 2 and 3"):
         runs.mcnemar([0, 1], [0, 1, 1])
+    # numpy outcomes (labels are bool arrays) with 63 and more discordant pairs: the counts' np.int64 made 2**63
+    # wrap (p = -0.0022 for 44 / 19 in a label report); against Pascal's triangle of probabilities, halved row by row
+    for gained, lost in ((44, 19), (50, 40)):
+        before = np.array([False] * gained + [True] * lost + [True] * 7)
+        after = np.array([True] * gained + [False] * lost + [True] * 7)
+        row = [1.0]
+        for _ in range(gained + lost):
+            row = [(a + b) / 2 for a, b in zip([0.0, *row], [*row, 0.0], strict=True)]
+        expected = min(1.0, 2 * sum(row[: min(gained, lost) + 1]))
+        assert runs.mcnemar(before, after) == (gained, lost, pytest.approx(expected, rel=1e-9))
+        assert 0 < expected < 1 and type(runs.mcnemar(before, after)[0]) is int
 
 
 def test_zero_std_ratio_splits_into_all_pass_and_all_fail_groups():
