@@ -267,18 +267,30 @@ def load_lora(backend, path: str) -> None:
     runs.set_lora(backend, load_file(path))
 
 
-def shapes_final_evals(backend, config: vgpo.Config, strict) -> dict:
+def shapes_final_evals(backend, config: vgpo.Config, strict, ode=None) -> dict:
     """The run's final policy on the held-out prompts and noise of its evaluations: strict accuracy
-    of ODE samples (the evaluation's eval_steps) and of SDE samples (the training sampler, 10 steps)."""
+    of ODE samples (the evaluation's eval_steps; `ode`: the last evaluation's scores, not drawn again)
+    and of SDE samples (the training sampler, 10 steps), overall and per category."""
     prompts = backend.eval_prompts(config.eval_samples)
-    ode = vgpo.evaluate(backend, strict, prompts, config.eval_steps, vgpo.make_generator(config.seed, 2))[0]
+    if ode is None:
+        ode = vgpo.evaluate(backend, strict, prompts, config.eval_steps, vgpo.make_generator(config.seed, 2))[0]
+    ode = torch.as_tensor(ode, dtype=torch.float32)
     sigmas, gen = backend.sigmas(10), vgpo.make_generator(config.seed, 2)
     sde = vgpo.rollout(backend, prompts, sigmas, config.noise_level, strict, gen, instant=False).rewards[:, -1]
-    by_category = {}
-    for category in shapes_categories(prompts):
-        idx = [i for i, p in enumerate(prompts) if shapes_category(p) == category]
-        by_category[category] = ode[idx].mean().item()
-    return {"ode": ode.mean().item(), "sde10": sde.mean().item(), "ode_by_category": by_category}
+    return {
+        "ode": ode.mean().item(),
+        "sde10": sde.mean().item(),
+        "ode_by_category": category_means(ode.tolist(), prompts),
+        "sde10_by_category": category_means(sde.tolist(), prompts),
+    }
+
+
+def category_means(scores, prompts) -> dict:
+    """{category: mean score of its prompts' samples}, in the order the categories first appear."""
+    return {
+        c: statistics.mean(s for s, p in zip(scores, prompts, strict=True) if shapes_category(p) == c)
+        for c in shapes_categories(prompts)
+    }
 
 
 def shapes_category(prompt: str) -> str:
@@ -331,7 +343,8 @@ def shapes_run(job: tuple) -> dict:
         history = vgpo.train(config)
         backend, _, strict, optimizer = vgpo.setup(config)  # eval reward: geneval_shapes
         vgpo.load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), backend, optimizer, config)
-        finals = shapes_final_evals(backend, config, strict)
+        finals = shapes_final_evals(backend, config, strict, history[-1]["eval_scores"])
+        eval_prompts = backend.eval_prompts(config.eval_samples)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file({k: v.half().contiguous() for k, v in runs.lora_state(backend).items()}, path[:-5] + ".lora.safetensors")
     record = {
@@ -341,6 +354,8 @@ def shapes_run(job: tuple) -> dict:
         **overrides,
         "iterations": config.iterations,
         "shapes_prompts": config.shapes_prompts,
+        "overrides": overrides,
+        "eval_prompts": eval_prompts,  # evaluate_run's, in order: the evaluations' scores per category
         "eval_before": history[0]["eval_reward_before"],
         "evals": [(h["iteration"] + 1, h["eval_reward"]) for h in history if h.get("eval_reward") is not None],
         "final": finals,
@@ -351,10 +366,16 @@ def shapes_run(job: tuple) -> dict:
 
 
 def shapes_jobs(args) -> list:
-    """The grid in the issue's priority order: five methods x 3 seeds on the strict reward; GRPO and
-    VGPO x 3 seeds on the graded score; seeds 3-4 of the strict runs; then kappa and gamma."""
+    """Seed by seed (both runs of a seed at once with two workers): every --rewards x --methods run of
+    seeds 0..--seeds-1 with the shapes preset on the grammar and the --overrides Config fields; then,
+    with --sweep, VGPO's kappa 0.5, 2 and gamma 0.5, 0.99 over 3 seeds."""
     names = args.methods.split(",") if args.methods else list(METHODS)
-    base = {"iterations": args.iterations} if args.iterations else {}
+    bad = [m for m in names if m not in METHODS]
+    if bad:
+        raise SystemExit(f"--methods {args.methods!r}: {bad} not in {list(METHODS)}")
+    base = json.loads(args.overrides) if getattr(args, "overrides", "") else {}
+    if args.iterations:
+        base["iterations"] = args.iterations
     if args.shapes_prompts != "grammar":
         base["shapes_prompts"] = args.shapes_prompts
     if args.value_steps != 1:
@@ -363,9 +384,7 @@ def shapes_jobs(args) -> list:
     bad = [r for r in rewards_ if r not in SHAPES_REWARDS]
     if bad:
         raise SystemExit(f"--rewards {args.rewards!r}: {bad} not in {list(SHAPES_REWARDS)}")
-    jobs = [("strict", m, s, base) for s in range(3) for m in names if "strict" in rewards_]
-    jobs += [("score", m, s, base) for s in range(3) for m in ("GRPO", "VGPO") if m in names and "score" in rewards_]
-    jobs += [("strict", m, s, base) for s in range(3, args.seeds) for m in names if "strict" in rewards_]
+    jobs = [(r, m, s, base) for s in range(args.seeds) for r in rewards_ for m in names]
     if args.sweep:
         jobs += [("strict", "VGPO", s, base | {"kappa": k}) for s in range(3) for k in (0.5, 2.0)]
         jobs += [("strict", "VGPO", s, base | {"gamma": g}) for s in range(3) for g in (0.5, 0.99)]
@@ -1786,7 +1805,7 @@ def main(argv=None):
     parser.add_argument("--decode_batch", type=int, default=None, help="gpu_check: images per VAE decode call")
     parser.add_argument("--skip_resident", action="store_true", help="gpu_check: offloaded text encoders only")
     parser.add_argument("--memory_cap_gib", type=float, default=0, help="gpu_check: act as a card of this size")
-    parser.add_argument("--rewards", default="strict,score", help="shapes: the rewards trained on (strict, score)")
+    parser.add_argument("--rewards", default="score", help="shapes: the rewards trained on (strict, score)")
     parser.add_argument("--sweep", action="store_true", help="shapes: also kappa 0.5, 2 and gamma 0.5, 0.99 (VGPO)")
     parser.add_argument("--value_steps", type=int, default=1, help="shapes: Config.value_steps of every run")
     parser.add_argument(
@@ -1798,7 +1817,7 @@ def main(argv=None):
     parser.add_argument("--premise_groups", type=int, default=16, help="premise, gradients: prompts (groups of G)")
     parser.add_argument("--per_prompt", type=int, default=32, help="shapes_base_rates: samples per prompt")
     parser.add_argument("--categories", default="single object,counting", help="shapes_base_rates: categories")
-    parser.add_argument("--overrides", default="", help="demo: Config fields as JSON, e.g. '{\"lr\": 3e-4}'")
+    parser.add_argument("--overrides", default="", help="demo, shapes: Config fields as JSON, e.g. '{\"lr\": 3e-4}'")
     parser.add_argument("--threshold", type=float, default=0, help="demo_curves: a strict accuracy to reach")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)

@@ -2261,6 +2261,12 @@ def test_shapes_backend_reuses_the_samplers_velocity_and_trains(shapes_weights):
     assert not set(backend.train_prompts) & set(shapes.held_out_prompts()["position"])
     drawn = backend.prompts(12, vgpo.make_generator(0, 1))  # category-balanced, distinct within a category
     assert [shapes.parse_prompt(p)[0] for p in drawn] == list(shapes.CATEGORIES) * 3 and len(set(drawn)) == 12
+    held = shapes.held_out_prompts()  # evaluation too: k of each category in any first 4k, spread, then cycled
+    shown = backend.eval_prompts(4 * 36)
+    assert [shapes.parse_prompt(p)[0] for p in shown] == list(held) * 36
+    assert len(set(shown[1::4])) == 36 and {p.split()[4] for p in shown[3::4]} == set(shapes.COLORS)
+    assert set(shown[::4]) == set(held["single object"])  # 12 prompts, each 3 times
+    assert set(backend.eval_prompts(4 * 176)) == {p for ps in held.values() for p in ps}
     cond = backend.encode(["a photo of a red circle"] * 2)
     x, sigma = backend.noise(2, torch.Generator().manual_seed(0)), 0.6
     with torch.no_grad():  # the guided velocity from each branch of the UNet alone
