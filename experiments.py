@@ -10,6 +10,7 @@
     python experiments.py curves DIR [DIR ...]  # training curves of runs, one PNG
     python experiments.py shapes        # GRPO vs each part of VGPO on the shapes benchmark, resumable
     python experiments.py shapes_report # its table and figure from the finished runs
+    python experiments.py shapes_curves # per category and overall at every evaluation, mean +- s.e., paired
     python experiments.py shapes_grids  # base, GRPO and VGPO samples on the same prompts and noise
     python experiments.py shapes_failures # why the strict reward fails, before and after training
     python experiments.py demo          # the shapes demo over seeds, GRPO and VGPO: paired McNemar per run
@@ -964,6 +965,155 @@ def demo_curves(args) -> None:
     print(text)
 
 
+def grammar_eval_prompts(n: int) -> list[str]:
+    """The shapes backend's evaluation prompts on the grammar (backends.balanced_prompts, cycled), without
+    loading the model: a running run's evaluation scores, in order, belong to these prompts."""
+    held = backends.balanced_prompts(shapes.held_out_prompts())
+    return [held[i % len(held)] for i in range(n)]
+
+
+def grammar_points(history: list, prompts: list) -> list[dict]:
+    """A grammar run's evaluations (before training and every eval_every): iteration, training seconds
+    (evaluations excluded), strict accuracy per category and overall (the mean of the categories, as
+    GenEval), McNemar against the first on all samples, and the share of groups all passing and all
+    failing (zero_std_pass / zero_std_fail) over the iterations since the previous evaluation."""
+    before = history[0]["eval_scores_before"]
+
+    def point(iteration, seconds, scores, window):
+        by = category_means(scores, prompts)
+        gained, lost, p = runs.mcnemar(before, scores)
+        zero = {k: statistics.mean(h[k] for h in window) if window else float("nan") for k in ZERO_KEYS}
+        return dict(iteration=iteration, seconds=seconds, overall=statistics.mean(by.values()), by=by,
+                    gained=gained, lost=lost, p=p, **zero)  # fmt: skip
+
+    points, seconds, window = [point(0, 0.0, before, [])], 0.0, []
+    for h in history:
+        seconds, window = seconds + h["seconds"], window + [h]
+        if h.get("eval_scores") is not None:
+            points.append(point(h["iteration"] + 1, seconds, h["eval_scores"], window))
+            window = []
+    return points
+
+
+ZERO_KEYS = ("zero_std_pass", "zero_std_fail")
+
+
+def mean_se(values) -> tuple[float, float]:
+    values = list(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return statistics.mean(values), se
+
+
+def shapes_curves(args) -> None:
+    """OUT/shapes_curves.md and .png for `shapes` runs on the grammar: strict accuracy per category and
+    overall at every evaluation, against iteration and training minutes, mean ± s.e. over the seeds below
+    --seeds that reached it (read from runs/shapes/OUT/* as written: running runs count up to their last
+    evaluation); the all-pass and all-fail groups between evaluations (ADAE's case); --threshold: the first
+    evaluation whose mean overall accuracy reaches it; every method against GRPO, paired by seed."""
+    root = os.path.join("runs", "shapes", os.path.basename(os.path.normpath(args.out)))
+    found, curves_ = {}, {}  # method -> seed -> points; method -> per-iteration zero_std means over seeds
+    for run_dir in sorted(glob.glob(os.path.join(root, "*_s*"))):
+        if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+            continue
+        name, seed = os.path.basename(run_dir).rsplit("_s", 1)
+        history = read_metrics(run_dir)
+        if int(seed) >= args.seeds or not history or history[0].get("eval_scores_before") is None:
+            continue
+        prompts = grammar_eval_prompts(len(history[0]["eval_scores_before"]))
+        method = name.split("_", 1)[1].replace("_", " ")  # REWARD_METHOD (shapes_run_name)
+        found.setdefault(method, {})[int(seed)] = grammar_points(history, prompts)
+        curves_.setdefault(method, []).append([[h[k] for k in ZERO_KEYS] for h in history])
+    if not found:
+        raise SystemExit(f"no run with an evaluation under {root}: run `python experiments.py shapes` first")
+    categories = list(next(iter(next(iter(found.values())).values()))[0]["by"])
+    head = " | ".join(categories)
+    rows = [
+        f"| method | iteration | seeds | training min | overall | {head} | gained / lost vs before "
+        "| seeds with a rise at p < 0.05 | groups all pass / all fail since the last evaluation |",
+        "|---" * (9 + len(categories)) + "|",
+    ]
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
+    reached = []
+    for method, seeds in found.items():
+        curve = []
+        for it in sorted({pt["iteration"] for pts in seeds.values() for pt in pts}):
+            at = [pt for pts in seeds.values() for pt in pts if pt["iteration"] == it]
+            overall = mean_se(pt["overall"] for pt in at)
+            by = {c: mean_se(pt["by"][c] for pt in at) for c in categories}
+            minutes = statistics.mean(pt["seconds"] for pt in at) / 60
+            rises = sum(pt["gained"] > pt["lost"] and pt["p"] < 0.05 for pt in at)
+            zero = " / ".join(f"{statistics.mean(pt[k] for pt in at):.3f}" for k in ZERO_KEYS) if it else ""
+            cells = " | ".join(f"{m:.3f} ± {se:.3f}" for m, se in (overall, *by.values()))
+            rows.append(
+                f"| {method} | {it} | {len(at)} | {minutes:.0f} | {cells} | {sum(pt['gained'] for pt in at)} / "
+                f"{sum(pt['lost'] for pt in at)} | {rises} of {len(at)} | {zero} |"
+            )
+            curve.append((it, minutes, overall, by))
+        if args.threshold:
+            first = next((it for it, _, (acc, _), _ in curve if acc >= args.threshold), None)
+            when = f"first reached at iteration {first}" if first is not None else "not reached"
+            when += "" if first is not None else f" by iteration {curve[-1][0]}"
+            reached.append(f"- {method}: mean overall strict accuracy {args.threshold} {when}")
+        its, mins = np.array([c[0] for c in curve]), np.array([c[1] for c in curve])
+        series = [("overall", its, [c[2] for c in curve]), ("overall", mins, [c[2] for c in curve])]
+        series += [(c, its, [x[3][c] for x in curve]) for c in categories]
+        for ax, (_, xs, ms) in zip([axes[0, 0], axes[0, 1], *axes[1]], series, strict=True):
+            m, se = np.array(ms, dtype=float).T
+            ax.plot(xs, m, marker="o", label=method)
+            ax.fill_between(xs, m - np.nan_to_num(se), m + np.nan_to_num(se), alpha=0.2)
+        length = min(map(len, curves_[method]))
+        zero = np.array([c[:length] for c in curves_[method]]).mean(0)  # (iterations, 2), mean over seeds
+        for ax, column in zip(axes[0, 2:], zero.T, strict=True):
+            smooth = np.convolve(column, np.ones(5) / 5, mode="valid")  # 5-iteration moving mean
+            ax.plot(np.arange(len(smooth)) + 5, smooth, label=method)
+    titles = ["overall", "overall", "groups all passing (zero_std_pass)", "groups all failing (zero_std_fail)"]
+    xlabels = ["iteration", "training minutes", "iteration", "iteration"]
+    for ax, title, xlabel in zip(axes[0], titles, xlabels, strict=True):
+        ax.set(title=title, xlabel=xlabel)
+    for ax, c in zip(axes[1], categories, strict=True):
+        ax.set(title=c, xlabel="iteration")
+    for ax in axes.flat:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "shapes_curves.png"), dpi=100)
+    plt.close(fig)
+    paired = []
+    for method in [m for m in found if m != "GRPO" and "GRPO" in found]:
+        common = sorted(set(found[method]) & set(found["GRPO"]))
+        at = {(m, s): {pt["iteration"]: pt for pt in found[m][s]} for m in (method, "GRPO") for s in common}
+        for it in sorted({it for s in common for it in at[method, s]} - {0}):
+            both = [s for s in common if it in at[method, s] and it in at["GRPO", s]]
+            diffs = [at[method, s][it]["overall"] - at["GRPO", s][it]["overall"] for s in both]
+            test = paired_t(diffs)
+            per_cat = " | ".join(
+                f"{statistics.mean(at[method, s][it]['by'][c] - at['GRPO', s][it]['by'][c] for s in both):+.3f}"
+                for c in categories
+            )
+            paired.append(
+                f"| {method} - GRPO | {it} | {test['n']} | {' / '.join(f'{d:+.3f}' for d in diffs)} "
+                f"| {test['mean']:+.3f} ± {test['se']:.3f} | {test['p']:.2g} | {test['mdd']:.3f} | {per_cat} |"
+            )
+    if paired:
+        paired = [
+            "Each method minus GRPO at the same seed (the same evaluation prompts, noise and base): overall per seed, "
+            "mean ± s.e., paired t-test p, the difference these seeds detect (80 % power, 5 % level), and the mean "
+            "difference per category.\n",
+            f"| methods | iteration | seeds | overall per seed | mean ± s.e. | p | detectable | {head} |",
+            "|---" * (7 + len(categories)) + "|",
+            *paired,
+        ]
+    text = (
+        f"`python experiments.py shapes_curves --seeds {args.seeds} --out {args.out}`: every evaluation of the runs "
+        f"in {root} of seeds below {args.seeds} on the held-out prompts (category-balanced); overall = the mean of "
+        "the category accuracies; each evaluation paired with its run's first (McNemar, exact, all samples).\n\n"
+        + "\n\n".join("\n".join(part) for part in (rows, reached, paired) if part)
+        + "\n"
+    )
+    with open(os.path.join(args.out, "shapes_curves.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
 def sampled_both_ways(backend, config: vgpo.Config, strict, graded) -> dict:
     """A policy's pictures on its run's evaluation prompts drawn two ways: as evaluated (ODE, eval_steps, the
     evaluation's noise, so the strict verdicts are the run's own) and as trained (the SDE of Eq. 7, num_steps,
@@ -1775,6 +1925,7 @@ def main(argv=None):
             "demo_report",
             "demo_curves",
             "demo_samplers",
+            "shapes_curves",
             "trainer_check",
             "noise_share",
             "bf16",
@@ -1842,6 +1993,7 @@ def main(argv=None):
         demo_report=demo_report,
         demo_curves=demo_curves,
         demo_samplers=demo_samplers,
+        shapes_curves=shapes_curves,
         trainer_check=trainer_check,
         noise_share=noise_share,
         bf16=bf16,

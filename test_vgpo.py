@@ -2417,6 +2417,42 @@ def test_demo_curves_read_running_runs_keep_an_iterations_last_record_and_pair_e
     assert "VGPO: mean strict accuracy 0.95 not reached by iteration 2" in text
 
 
+def test_shapes_curves_split_categories_average_them_and_pair_each_method_with_grpo(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    prompts = experiments.grammar_eval_prompts(8)  # the backend's order: one of each category, twice
+    assert [shapes.parse_prompt(p)[0] for p in prompts] == list(shapes.CATEGORIES) * 2
+    before = [1, 0, 0, 0, 1, 1, 0, 0]  # single 1, counting 1/2, two objects 0, position 0: overall 0.375
+    after = {("GRPO", 0): [1, 1, 0, 0, 1, 1, 1, 0], ("VGPO", 0): [1, 1, 1, 1, 1, 1, 1, 0],  # 0.625, 0.875
+             ("GRPO", 1): before, ("VGPO", 1): [1, 1, 0, 0, 1, 1, 0, 0], ("anchor_only", 0): before}  # fmt: skip
+    for (method, seed), scores in after.items():
+        run = tmp_path / "runs" / "shapes" / "out" / f"score_{method}_s{seed}"
+        run.mkdir(parents=True)
+        lines = [
+            {"iteration": 0, "seconds": 30.0, "zero_std_pass": 0.5, "zero_std_fail": 0.25,
+             "eval_scores_before": before, "eval_reward_before": statistics.mean(before)},
+            {"iteration": 1, "seconds": 30.0, "zero_std_pass": 0.25, "zero_std_fail": 0.25,
+             "eval_scores": scores, "eval_reward": statistics.mean(scores)},
+        ]  # fmt: skip
+        run.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    experiments.main(["shapes_curves", "--out", "out", "--threshold", "0.6"])
+    text = (tmp_path / "out" / "shapes_curves.md").read_text()
+    assert (tmp_path / "out" / "shapes_curves.png").exists()
+    # GRPO at 2: overall (0.625 + 0.375) / 2 ± 0.125; counting (1 + 1/2) / 2, two objects (1/2 + 0) / 2; seed 0
+    # gained indices 1 and 6 (McNemar p 0.5: no rise); groups all pass / all fail since before: 0.375 / 0.25
+    assert ("| GRPO | 2 | 2 | 1 | 0.500 ± 0.125 | 1.000 ± 0.000 | 0.750 ± 0.250 | 0.250 ± 0.250 | 0.000 ± 0.000 "
+            "| 2 / 0 | 0 of 2 | 0.375 / 0.250 |") in text  # fmt: skip
+    assert "| GRPO | 0 | 2 | 0 | 0.375 ± 0.000 |" in text
+    assert "GRPO: mean overall strict accuracy 0.6 not reached by iteration 2" in text
+    assert "VGPO: mean overall strict accuracy 0.6 first reached at iteration 2" in text  # (0.875 + 0.5) / 2
+    # VGPO - GRPO: +0.25, +0.125 -> 0.1875 ± 0.0625, t = 3 on 1 df: p = 1 - 2 atan(3) / pi = 0.205; per category
+    # the mean differences 0, 1/4, 1/4, 1/4 (their mean is the overall's)
+    assert "| VGPO - GRPO | 2 | 2 | +0.250 / +0.125 | +0.188 ± 0.062 | 0.2 |" in text
+    assert text.split("| VGPO - GRPO | 2 |")[1].split("\n")[0].endswith("| +0.000 | +0.250 | +0.250 | +0.250 |")
+    assert "| anchor only - GRPO | 2 | 1 | -0.250 | -0.250 ± nan | nan |" in text  # one seed (0.375 - 0.625): no test
+    experiments.main(["shapes_curves", "--out", "out", "--seeds", "1"])  # seed 0 only
+    assert "| GRPO | 2 | 1 | 1 | 0.625 ± nan |" in (tmp_path / "out" / "shapes_curves.md").read_text()
+
+
 def test_trained_report_pairs_each_policys_picture_with_the_bases_and_counts_the_reward_against_the_labels(
     tmp_path,
 ):
