@@ -271,12 +271,12 @@ def load_lora(backend, path: str) -> None:
 def shapes_final_evals(backend, config: vgpo.Config, strict, ode=None) -> dict:
     """The run's final policy on the held-out prompts and noise of its evaluations: strict accuracy
     of ODE samples (the evaluation's eval_steps; `ode`: the last evaluation's scores, not drawn again)
-    and of SDE samples (the training sampler, 10 steps), overall and per category."""
+    and of SDE samples (the training sampler, num_steps: 10 in the preset, "sde10"), overall and per category."""
     prompts = backend.eval_prompts(config.eval_samples)
     if ode is None:
         ode = vgpo.evaluate(backend, strict, prompts, config.eval_steps, vgpo.make_generator(config.seed, 2))[0]
     ode = torch.as_tensor(ode, dtype=torch.float32)
-    sigmas, gen = backend.sigmas(10), vgpo.make_generator(config.seed, 2)
+    sigmas, gen = backend.sigmas(config.num_steps), vgpo.make_generator(config.seed, 2)
     sde = vgpo.rollout(backend, prompts, sigmas, config.noise_level, strict, gen, instant=False).rewards[:, -1]
     return {
         "ode": ode.mean().item(),
@@ -396,8 +396,10 @@ def shapes_runs(args) -> None:
     """GRPO vs each part of VGPO on the shapes benchmark (the demo's preset, held-out strict accuracy),
     run by run in the background: python experiments.py shapes; then python experiments.py shapes_report."""
     jobs = shapes_jobs(args)
-    with fresh_pool(args.workers) as pool:
-        for record in tqdm(pool.imap(shapes_run, jobs), total=len(jobs), desc="shapes runs"):
+    with contextlib.ExitStack() as stack:  # one worker: in this process (a fork after torch ran can hang)
+        pool = stack.enter_context(fresh_pool(args.workers)) if args.workers > 1 else None
+        done = pool.imap(shapes_run, jobs) if pool else map(shapes_run, jobs)
+        for record in tqdm(done, total=len(jobs), desc="shapes runs"):
             tqdm.write(f"{record['reward']} {record['method']} seed {record['seed']}: {record['final']}")
     shapes_report(args)
 

@@ -353,29 +353,41 @@ def _evaluation_pictures(backend, config, n: int) -> tuple[np.ndarray, list]:
     return _draw(backend, prompts, config.seed, False, gen, config.eval_steps, chunk), prompts  # evaluate_run's
 
 
+def _trained_run(args, method: str, seed: int) -> tuple[dict, vgpo.Config, str]:
+    """A trained run's record, Config and checkpoint: the demo's (`experiments.py demo --out` --demo), or with
+    --grammar OUT a graded-score run of `experiments.py shapes --out OUT` (the whole grammar)."""
+    if args.grammar:
+        name, folder = f"score_{method}_s{seed}", args.grammar
+        record_path, runs_root = os.path.join(folder, "shapes_runs", name + ".json"), "shapes"
+    else:
+        name, folder = f"{method}_s{seed}", args.demo
+        record_path, runs_root = os.path.join(folder, "demo_runs", name + ".json"), "shapes_demo"
+    with open(record_path) as f:
+        record = json.load(f)
+    fields = {"shapes_prompts": "grammar"} if args.grammar else {}
+    config = vgpo.Config(model="shapes", **fields, **record["overrides"], seed=seed, output_dir="")
+    checkpoint = os.path.join("runs", runs_root, os.path.basename(os.path.normpath(folder)), name, "checkpoint.pt")
+    return record, config, checkpoint
+
+
 def trained(args) -> None:
-    """Pictures of the demo's trained policies to label (RL finds a reward's holes): for each seed
-    --from_seed .. --seeds - 1 of the demo run with `experiments.py demo --out` --demo (its records give the
-    runs' Config overrides), the first --per_run evaluation pictures of the base model and of each
-    method's trained LoRA (the same prompts and noise), shuffled into --out (images.npz, samples.json;
-    split "test": the reward is never tuned on them), appended after the pictures already there (new ids,
-    so that labelled pictures keep theirs). The strict verdicts are checked against the runs' records."""
+    """Pictures of trained policies to label (RL finds a reward's holes): for each seed --from_seed ..
+    --seeds - 1 of the demo run with `experiments.py demo --out` --demo (or, with --grammar OUT, of the
+    graded-score runs of `experiments.py shapes --out OUT`; the records give the runs' Config overrides),
+    the first --per_run evaluation pictures of the base model and of each method's trained LoRA (the same
+    prompts and noise), shuffled into --out (images.npz, samples.json; split "test": the reward is never
+    tuned on them), appended after the pictures already there (new ids, so that labelled pictures keep
+    theirs). The strict verdicts are checked against the runs' records."""
     rng = np.random.default_rng(20261205 + args.from_seed)
     images, records, mismatched = [], [], 0
     strict = rewards.load_reward("geneval_shapes")
-    run_dirs = os.path.join("runs", "shapes_demo", os.path.basename(os.path.normpath(args.demo)))
     for seed in range(args.from_seed, args.seeds):
         for source in ("base", "GRPO", "VGPO"):
-            with open(
-                os.path.join(args.demo, "demo_runs", f"{'GRPO' if source == 'base' else source}_s{seed}.json")
-            ) as f:
-                record = json.load(f)
+            record, config, checkpoint = _trained_run(args, "GRPO" if source == "base" else source, seed)
             history = record["history"]
-            config = vgpo.Config(model="shapes", **record["overrides"], seed=seed, output_dir="")
             backend = vgpo.build_backend(config)
             if source != "base":
-                state = torch.load(os.path.join(run_dirs, f"{source}_s{seed}", "checkpoint.pt"), weights_only=False)
-                runs.set_lora(backend, state["lora"])
+                runs.set_lora(backend, torch.load(checkpoint, weights_only=False)["lora"])
             arrs, prompts = _evaluation_pictures(backend, config, args.per_run)
             recorded = history[0]["eval_scores_before"] if source == "base" else history[-1]["eval_scores"]
             verdict = strict(as_batch(arrs), prompts).numpy()
@@ -463,6 +475,7 @@ def main(argv=None):
     parser.add_argument("--from_seed", type=int, default=0, help="trained: the first seed (appended to --out)")
     parser.add_argument("--per_run", type=int, default=48, help="trained: evaluation pictures per run")
     parser.add_argument("--demo", default=DEMO, help="trained: the demo's --out (its records and run directories)")
+    parser.add_argument("--grammar", default="", help="trained: instead of the demo, `experiments.py shapes --out`")
     parser.add_argument("ids", nargs="*", type=int, help="zoom: picture ids")
     parser.add_argument("--out", default=OUT)
     args = parser.parse_args(argv)

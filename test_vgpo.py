@@ -2378,6 +2378,28 @@ def test_demo_runs_pair_their_evaluations_resume_and_report(shapes_weights, tmp_
     assert (tmp_path / "out" / "demo.md").read_text().splitlines()[2:] == report.splitlines()[2:]
 
 
+def test_grammar_runs_record_categories_and_their_pictures_draw_again(shapes_weights, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the runs' checkpoints go to ./runs/shapes/out
+    fields = dict(shapes_weights=shapes_weights, eval_samples=8, group_size=2, prompts_per_iteration=4, num_steps=2,
+                  eval_steps=2, iterations=1)  # fmt: skip
+    experiments.main(["shapes", "--methods", "GRPO,VGPO", "--seeds", "1", "--workers", "1", "--out", "out",
+                      "--overrides", json.dumps(fields)])  # fmt: skip
+    run = json.loads((tmp_path / "out" / "shapes_runs" / "score_VGPO_s0.json").read_text())
+    assert run["eval_prompts"] == experiments.grammar_eval_prompts(8) and run["overrides"] == fields
+    last = run["history"][-1]["eval_scores"]  # the final ODE numbers are the last evaluation's, per category
+    assert run["final"]["ode"] == pytest.approx(statistics.mean(last))
+    assert run["final"]["ode_by_category"]["counting"] == pytest.approx(statistics.mean(last[1::4]))
+    assert set(run["final"]["sde10_by_category"]) == set(shapes.CATEGORIES)
+    experiments.main(["shapes_curves", "--seeds", "1", "--out", "out"])
+    assert "| VGPO - GRPO | 1 | 1 |" in (tmp_path / "out" / "shapes_curves.md").read_text()
+    shapes_labels.main(["trained", "--grammar", "out", "--seeds", "1", "--per_run", "4", "--out", "labels"])
+    assert "strict verdicts differing from the runs' records: 0" in capsys.readouterr().out  # drawn again exactly
+    drawn = json.loads((tmp_path / "labels" / "samples.json").read_text())
+    assert sorted((r["source"], r["category"]) for r in drawn) == sorted(
+        (s, c) for s in ("base", "GRPO", "VGPO") for c in shapes.CATEGORIES
+    )
+
+
 def test_demo_curves_read_running_runs_keep_an_iterations_last_record_and_pair_each_evaluation(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     before = [0, 0, 0, 1, 1, 0]
