@@ -17,6 +17,7 @@
     python experiments.py demo_report   # its table (demo.md), from the finished runs
     python experiments.py demo_curves   # strict accuracy at every evaluation, mean +- s.e. over seeds, paired
     python experiments.py demo_samplers # the demo's policies drawn as evaluated (ODE) and as trained (SDE)
+    python experiments.py demo_base_levels # the base's evaluation accuracy at each seed's noise: binomial?
     python experiments.py trainer_check # does the shapes trainer raise a reward every pixel moves?
     python experiments.py noise_share   # how much of the graded score the SDE noise decides
     python experiments.py bf16          # the demo's iteration in float32 against bf16 autocast: time, ratio
@@ -1136,6 +1137,70 @@ def sampled_both_ways(backend, config: vgpo.Config, strict, graded) -> dict:
             "sde_graded": scored[0].numpy()}  # fmt: skip
 
 
+def chi2_sf(x: float, df: int) -> float:
+    """P(X >= x) of a chi-square with df degrees of freedom: 1 - P(df/2, x/2), the regularized lower incomplete
+    gamma by its power series, P(a, z) = z^a e^-z / Gamma(a + 1) * sum_n z^n / ((a + 1) ... (a + n))."""
+    a, z = df / 2, x / 2
+    if z <= 0:
+        return 1.0
+    term = total = 1.0
+    for n in range(1, 2000):
+        term *= z / (a + n)
+        total += term
+        if term < 1e-16 * total:
+            break
+    return max(0.0, 1.0 - math.exp(a * math.log(z) - z - math.lgamma(a + 1)) * total)
+
+
+def base_verdicts(record: dict, seed: int) -> list[float]:
+    """The base model's strict verdicts on the evaluation of a demo run like `record` (its Config overrides) at
+    `seed`: evaluate_run's prompts, noise (make_generator(seed, 2)) and chunks, so a run's own
+    eval_scores_before are reproduced."""
+    config = vgpo.Config(model="shapes", **record["overrides"], seed=seed, output_dir="")
+    backend, strict = vgpo.build_backend(config), rewards.load_reward(config.eval_reward)
+    chunk = config.prompts_per_iteration * config.group_size
+    prompts, gen = backend.eval_prompts(config.eval_samples), vgpo.make_generator(seed, 2)
+    return vgpo.evaluate(backend, strict, prompts, config.eval_steps, gen, chunk)[0].tolist()
+
+
+def demo_base_levels(args) -> None:
+    """How much the base model's evaluation accuracy varies with the evaluation's seed alone: its verdicts at
+    seeds 0..--seeds-1 with the demo's config (OUT's records; a seed with a record is read from it, any other
+    drawn), kept in OUT/base_levels.json seed by seed (resumable); OUT/base_levels.md: each level, their
+    spread against the binomial's at the pooled rate, and the chi-square test of homogeneity."""
+    found = finished_demo_runs(args.out)
+    recorded = {r["seed"]: r["history"][0]["eval_scores_before"] for r in found}
+    path = os.path.join(args.out, "base_levels.json")
+    levels = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            levels = {int(k): v for k, v in json.load(f).items()}
+    for seed in tqdm(range(args.seeds), desc="base levels"):
+        if seed not in levels:
+            levels[seed] = recorded[seed] if seed in recorded else base_verdicts(found[0], seed)
+            with open(path + ".tmp", "w") as f:
+                json.dump({str(k): v for k, v in sorted(levels.items())}, f)
+            os.replace(path + ".tmp", path)
+    seeds = list(range(args.seeds))
+    rates, n = [statistics.mean(levels[s]) for s in seeds], len(levels[0])
+    pooled = statistics.mean(rates)
+    varies = 0 < pooled < 1  # every picture passing, or none: no binomial spread to compare with
+    chi2 = sum(n * (r - pooled) ** 2 for r in rates) / (pooled * (1 - pooled)) if varies else float("nan")
+    spread = statistics.stdev(rates) if len(rates) > 1 else float("nan")
+    text = (
+        f"`python experiments.py demo_base_levels --seeds {args.seeds} --out {args.out}`: the base model's strict "
+        f"accuracy on the demo's evaluation ({n} pictures) at each seed's evaluation noise.\n\n"
+        "| seed | " + " | ".join(map(str, seeds)) + " |\n" + "|---" * (len(seeds) + 1) + "|\n"
+        "| strict accuracy | " + " | ".join(f"{r:.3f}" for r in rates) + " |\n\n"
+        f"Mean {pooled:.3f}; spread over seeds (s.d.) {spread:.3f} against a binomial "
+        f"{math.sqrt(pooled * (1 - pooled) / n):.3f} at {n} samples; chi-square {chi2:.1f} on {len(seeds) - 1} df, "
+        f"p = {chi2_sf(chi2, len(seeds) - 1) if varies else float('nan'):.2g}.\n"
+    )
+    with open(os.path.join(args.out, "base_levels.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
 def demo_samplers(args) -> None:
     """Did training improve the pictures it trains on? Each finished demo run's final policy and the base model
     (seeds < --seeds) sampled as evaluated (ODE) and as trained (SDE) on the run's evaluation prompts, the same
@@ -1927,6 +1992,7 @@ def main(argv=None):
             "demo_report",
             "demo_curves",
             "demo_samplers",
+            "demo_base_levels",
             "shapes_curves",
             "trainer_check",
             "noise_share",
@@ -1996,6 +2062,7 @@ def main(argv=None):
         demo_curves=demo_curves,
         demo_samplers=demo_samplers,
         shapes_curves=shapes_curves,
+        demo_base_levels=demo_base_levels,
         trainer_check=trainer_check,
         noise_share=noise_share,
         bf16=bf16,

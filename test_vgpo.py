@@ -2376,6 +2376,20 @@ def test_demo_runs_pair_their_evaluations_resume_and_report(shapes_weights, tmp_
     (tmp_path / "out" / "demo.md").unlink()
     experiments.main([*argv, "--overrides", json.dumps(fields)])  # finished runs are read, not rerun
     assert (tmp_path / "out" / "demo.md").read_text().splitlines()[2:] == report.splitlines()[2:]
+    run = json.loads((tmp_path / "out" / "demo_runs" / "GRPO_s0.json").read_text())
+    assert experiments.base_verdicts(run, 0) == run["history"][0]["eval_scores_before"]  # the run's own evaluation
+    experiments.main(["demo_base_levels", "--seeds", "2", "--out", "out"])  # seed 0 read, seed 1 drawn
+    levels = json.loads((tmp_path / "out" / "base_levels.json").read_text())
+    assert levels["0"] == run["history"][0]["eval_scores_before"] and levels["1"] == experiments.base_verdicts(run, 1)
+    assert "on 1 df, p = " in (tmp_path / "out" / "base_levels.md").read_text()
+
+
+def test_chi2_sf_against_closed_forms():
+    for x in (0.1, 1.0, 3.84, 10.0, 30.0):  # 2 df: exp(-x/2); 1 df: erfc(sqrt(x/2)); 4 df: (1 + x/2) exp(-x/2)
+        assert experiments.chi2_sf(x, 2) == pytest.approx(math.exp(-x / 2), rel=1e-9, abs=1e-15)
+        assert experiments.chi2_sf(x, 1) == pytest.approx(math.erfc(math.sqrt(x / 2)), rel=1e-9, abs=1e-15)
+        assert experiments.chi2_sf(x, 4) == pytest.approx((1 + x / 2) * math.exp(-x / 2), rel=1e-9, abs=1e-15)
+    assert experiments.chi2_sf(0.0, 3) == 1.0 and experiments.chi2_sf(3.84, 1) == pytest.approx(0.05, abs=1e-3)
 
 
 def test_grammar_runs_record_categories_and_their_pictures_draw_again(shapes_weights, tmp_path, monkeypatch, capsys):
