@@ -1033,7 +1033,7 @@ def shapes_curves(args) -> None:
     rows = [
         f"| method | iteration | seeds | training min | overall | {head} | gained / lost vs before "
         "| seeds with a rise at p < 0.05 | groups all pass / all fail since the last evaluation |",
-        "|---" * (9 + len(categories)) + "|",
+        "|---" * (8 + len(categories)) + "|",
     ]
     fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
     reached = []

@@ -2478,6 +2478,9 @@ def test_shapes_curves_split_categories_average_them_and_pair_each_method_with_g
     assert ("| GRPO | 2 | 2 | 1 | 0.500 ± 0.125 | 1.000 ± 0.000 | 0.750 ± 0.250 | 0.250 ± 0.250 | 0.000 ± 0.000 "
             "| 2 / 0 | 0 of 2 | 0.375 / 0.250 |") in text  # fmt: skip
     assert "| GRPO | 0 | 2 | 0 | 0.375 ± 0.000 |" in text
+    lines = text.splitlines()  # each table's header and rule have the same columns
+    heads = [i for i, line in enumerate(lines) if line.startswith("| method")]
+    assert len(heads) == 2 and all(lines[i].count("|") == lines[i + 1].count("|") for i in heads)
     assert "GRPO: mean overall strict accuracy 0.6 not reached by iteration 2" in text
     assert "VGPO: mean overall strict accuracy 0.6 first reached at iteration 2" in text  # (0.875 + 0.5) / 2
     # VGPO - GRPO: +0.25, +0.125 -> 0.1875 ± 0.0625, t = 3 on 1 df: p = 1 - 2 atan(3) / pi = 0.205; per category
