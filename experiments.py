@@ -349,6 +349,9 @@ def shapes_run(job: tuple) -> dict:
         eval_prompts = backend.eval_prompts(config.eval_samples)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file({k: v.half().contiguous() for k, v in runs.lora_state(backend).items()}, path[:-5] + ".lora.safetensors")
+    os.makedirs(os.path.join(out, "grids"), exist_ok=True)  # the first evaluation pictures, before and after
+    for tag, src in (("before", "samples_before.png"), ("after", f"samples_{config.iterations:05d}.png")):
+        Image.open(os.path.join(run_dir, src)).save(os.path.join(out, "grids", f"{name}_{tag}.png"))
     record = {
         "reward": reward,
         "method": method,

@@ -2404,6 +2404,8 @@ def test_grammar_runs_record_categories_and_their_pictures_draw_again(shapes_wei
     assert run["final"]["ode"] == pytest.approx(statistics.mean(last))
     assert run["final"]["ode_by_category"]["counting"] == pytest.approx(statistics.mean(last[1::4]))
     assert set(run["final"]["sde10_by_category"]) == set(shapes.CATEGORIES)
+    assert all((tmp_path / "out" / "grids" / f"score_{m}_s0_{tag}.png").exists() for m in ("GRPO", "VGPO")
+               for tag in ("before", "after"))  # fmt: skip
     experiments.main(["shapes_curves", "--seeds", "1", "--out", "out"])
     assert "| VGPO - GRPO | 1 | 1 |" in (tmp_path / "out" / "shapes_curves.md").read_text()
     shapes_labels.main(["trained", "--grammar", "out", "--seeds", "1", "--per_run", "4", "--out", "labels"])
