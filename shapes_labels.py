@@ -447,10 +447,25 @@ def trained_report(args) -> None:
             f"- {method}, by the labels, on {len(keys)} paired pictures: {np.mean(before):.3f} -> {np.mean(after):.3f}"
             f" ({gained} gained, {lost} lost, McNemar exact p = {p:.2g}); " + "; ".join(per_seed)
         )
+    categories = [c for c in shapes.CATEGORIES if any(r["category"] == c for r in records)]
+    by_category = []
+    if len(categories) > 1:  # the grammar's runs: where the labels and the reward see a change
+        by_category = ["| pictures of | " + " | ".join(categories) + " |", "|---" * (len(categories) + 1) + "|"]
+        for source in sources:
+            cells = []
+            for c in categories:
+                idx = [i for i, r in enumerate(records) if r["source"] == source and r["category"] == c]
+                cells.append(f"{labels[idx].mean():.2f} / {passed[idx].mean():.2f} ({len(idx)})")
+            by_category.append(f"| {source} | " + " | ".join(cells) + " |")
+        by_category = ["Per category, labels pass / reward passes (pictures):\n", *by_category, ""]
     text = (
-        f"`python shapes_labels.py trained_report --out {args.out}`: the demo's pictures (base and "
+        f"`python shapes_labels.py trained_report --out {args.out}`: trained runs' pictures (base and "
         "trained policies, the runs' own evaluation prompts and noise) labelled by looking, blind to the source "
-        "and to any reward, against the strict reward (v3).\n\n" + "\n".join(rows) + "\n\n" + "\n".join(lines) + "\n"
+        "and to any reward, against the strict reward (v3).\n\n"
+        + "\n".join(rows)
+        + "\n\n"
+        + "\n".join(by_category + lines)
+        + "\n"
     )
     with open(os.path.join(args.out, "trained.md"), "w") as f:
         f.write(text)
