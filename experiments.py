@@ -269,13 +269,11 @@ def load_lora(backend, path: str) -> None:
     runs.set_lora(backend, load_file(path))
 
 
-def shapes_final_evals(backend, config: vgpo.Config, strict, ode=None) -> dict:
+def shapes_final_evals(backend, config: vgpo.Config, strict, ode) -> dict:
     """The run's final policy on the held-out prompts and noise of its evaluations: strict accuracy
-    of ODE samples (the evaluation's eval_steps; `ode`: the last evaluation's scores, not drawn again)
-    and of SDE samples (the training sampler, num_steps: 10 in the preset, "sde10"), overall and per category."""
+    of ODE samples (`ode`: the last evaluation's scores, not drawn again) and of SDE samples (the
+    training sampler, num_steps: 10 in the preset, "sde10"), overall and per category."""
     prompts = backend.eval_prompts(config.eval_samples)
-    if ode is None:
-        ode = vgpo.evaluate(backend, strict, prompts, config.eval_steps, vgpo.make_generator(config.seed, 2))[0]
     ode = torch.as_tensor(ode, dtype=torch.float32)
     sigmas, gen = backend.sigmas(config.num_steps), vgpo.make_generator(config.seed, 2)
     sde = vgpo.rollout(backend, prompts, sigmas, config.noise_level, strict, gen, instant=False).rewards[:, -1]
