@@ -861,6 +861,12 @@ def demo_report(args) -> None:
     print(text)
 
 
+def mean_se(values) -> tuple[float, float]:
+    values = list(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return statistics.mean(values), se
+
+
 def read_metrics(run_dir: str) -> list:
     """A run's metrics.jsonl, one record per iteration. vgpo.train rewrites the file from its checkpoint on
     resume (runs.RunFiles.start), so it holds each iteration once; should a file hold an iteration twice
@@ -911,13 +917,12 @@ def demo_curves(args) -> None:
         curve = []
         for it in sorted({pt[0] for pts in seeds.values() for pt in pts}):
             at = [pt for pts in seeds.values() for pt in pts if pt[0] == it]
-            acc, minutes = [pt[2] for pt in at], statistics.mean(pt[1] for pt in at) / 60
-            se = statistics.stdev(acc) / math.sqrt(len(acc)) if len(acc) > 1 else float("nan")
+            (acc, se), minutes = mean_se(pt[2] for pt in at), statistics.mean(pt[1] for pt in at) / 60
             rises = sum(pt[3] > pt[4] and pt[5] < 0.05 for pt in at)
             rollout = statistics.mean(pt[6] for pt in at)
-            curve.append((it, minutes, statistics.mean(acc), se))
+            curve.append((it, minutes, acc, se))
             rows.append(
-                f"| {method} | {it} | {len(at)} | {minutes:.0f} | {statistics.mean(acc):.3f} ± {se:.3f} "
+                f"| {method} | {it} | {len(at)} | {minutes:.0f} | {acc:.3f} ± {se:.3f} "
                 f"| {sum(pt[3] for pt in at)} / {sum(pt[4] for pt in at)} | {rises} of {len(at)} "
                 f"| {'' if it == 0 else f'{rollout:.3f}'} |"
             )
@@ -1000,12 +1005,6 @@ def grammar_points(history: list, prompts: list) -> list[dict]:
 
 
 ZERO_KEYS = ("zero_std_pass", "zero_std_fail")
-
-
-def mean_se(values) -> tuple[float, float]:
-    values = list(values)
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return statistics.mean(values), se
 
 
 def shapes_curves(args) -> None:
