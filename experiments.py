@@ -876,6 +876,21 @@ def read_metrics(run_dir: str) -> list:
     return [records[i] for i in sorted(records)]
 
 
+def evaluated_runs(root: str, seeds: int):
+    """(name, seed, history) of each run directory ROOT/NAME_sSEED with seed below `seeds` whose
+    metrics.jsonl holds its first evaluation (`eval_scores_before`), read as written (a running run counts
+    up to its last record)."""
+    for run_dir in sorted(glob.glob(os.path.join(root, "*_s*"))):
+        if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+            continue
+        name, seed = os.path.basename(run_dir).rsplit("_s", 1)
+        if int(seed) >= seeds:
+            continue
+        history = read_metrics(run_dir)
+        if history and history[0].get("eval_scores_before") is not None:
+            yield name, int(seed), history
+
+
 def demo_curves(args) -> None:
     """OUT/curves.md and OUT/curves.png: strict accuracy at every evaluation of the demo's runs (eval_every),
     against iteration and against training seconds (evaluations excluded), read from the run directories
@@ -885,15 +900,7 @@ def demo_curves(args) -> None:
     accuracy. With two methods, their difference at each evaluation paired by seed (paired_t)."""
     root = demo_runs_root(args.out)
     found = {}  # method -> seed -> [(iteration, training seconds, accuracy, gained, lost, p, rollouts' score)]
-    for run_dir in sorted(glob.glob(os.path.join(root, "*_s*"))):
-        if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-            continue
-        method, seed = os.path.basename(run_dir).rsplit("_s", 1)
-        if int(seed) >= args.seeds:
-            continue
-        history = read_metrics(run_dir)
-        if not history or history[0].get("eval_scores_before") is None:
-            continue
+    for method, seed, history in evaluated_runs(root, args.seeds):
         before, seconds, window, points = history[0]["eval_scores_before"], 0.0, [], []
         points.append((0, 0.0, statistics.mean(before), 0, 0, 1.0, float("nan")))
         for h in history:
@@ -902,7 +909,7 @@ def demo_curves(args) -> None:
                 gained, lost, p = runs.mcnemar(before, h["eval_scores"])
                 points.append((h["iteration"] + 1, seconds, h["eval_reward"], gained, lost, p, statistics.mean(window)))
                 window = []
-        found.setdefault(method.replace("_", " "), {})[int(seed)] = points
+        found.setdefault(method.replace("_", " "), {})[seed] = points
     if not found:
         raise SystemExit(f"no run with an evaluation under {root}: run `python experiments.py demo` first")
     rows = [
@@ -1015,16 +1022,10 @@ def shapes_curves(args) -> None:
     evaluation whose mean overall accuracy reaches it; every method against GRPO, paired by seed."""
     root = os.path.join("runs", "shapes", os.path.basename(os.path.normpath(args.out)))
     found, curves_ = {}, {}  # method -> seed -> points; method -> per-iteration zero_std means over seeds
-    for run_dir in sorted(glob.glob(os.path.join(root, "*_s*"))):
-        if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-            continue
-        name, seed = os.path.basename(run_dir).rsplit("_s", 1)
-        history = read_metrics(run_dir)
-        if int(seed) >= args.seeds or not history or history[0].get("eval_scores_before") is None:
-            continue
+    for name, seed, history in evaluated_runs(root, args.seeds):
         prompts = grammar_eval_prompts(len(history[0]["eval_scores_before"]))
         method = name.split("_", 1)[1].replace("_", " ")  # REWARD_METHOD (shapes_run_name)
-        found.setdefault(method, {})[int(seed)] = grammar_points(history, prompts)
+        found.setdefault(method, {})[seed] = grammar_points(history, prompts)
         curves_.setdefault(method, []).append([[h[k] for k in ZERO_KEYS] for h in history])
     if not found:
         raise SystemExit(f"no run with an evaluation under {root}: run `python experiments.py shapes` first")
