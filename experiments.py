@@ -726,6 +726,11 @@ def paired_t(differences) -> dict:
     return {"n": n, "mean": statistics.mean(d), "se": se, "p": p, "mdd": mdd}
 
 
+def baseline(methods_: list[str]) -> str:
+    """The method the others are paired against: GRPO where it ran, else the first."""
+    return "GRPO" if "GRPO" in methods_ else methods_[0]
+
+
 def demo_run(job: tuple) -> dict:
     """One run of the shapes demo (`python vgpo.py --model shapes`, with the method's fields and the
     seed), resumable: the finished run is OUT/demo_runs/NAME.json; an unfinished one continues from
@@ -806,8 +811,8 @@ def demo_runs_root(out: str) -> str:
 
 
 def demo_report(args) -> None:
-    """OUT/demo.md: every run's paired before/after (McNemar), the rises per method, and the methods
-    paired by seed (paired t-test and the difference the seeds can detect)."""
+    """OUT/demo.md: every run's paired before/after (McNemar), the rises per method, and each method
+    minus GRPO paired by seed (paired t-test and the difference the seeds can detect)."""
     found = finished_demo_runs(args.out)
     rows = [
         "| method | seed | strict before | after | gained | lost | McNemar p | rise at p < 0.05 | per prompt after "
@@ -834,10 +839,10 @@ def demo_report(args) -> None:
             f"- {m}: significant rises in {rises} of {len(rs)} seeds; after - before {test['mean']:+.3f} "
             f"± {test['se']:.3f} (s.e. over seeds)"
         )
-    if len(methods_) == 2:
-        a, b = methods_
+    a = baseline(methods_)
+    after = {(r["method"], r["seed"]): r["after"] for r in found}
+    for b in [m for m in methods_ if m != a]:
         seeds = sorted({r["seed"] for r in found if r["method"] == a} & {r["seed"] for r in found if r["method"] == b})
-        after = {(r["method"], r["seed"]): r["after"] for r in found}
         test = paired_t([after[b, s] - after[a, s] for s in seeds])
         lines.append(
             f"- {b} - {a}, paired by seed ({test['n']} seeds): {test['mean']:+.3f} ± {test['se']:.3f}, paired t-test "
@@ -897,7 +902,7 @@ def demo_curves(args) -> None:
     runs/shapes_demo/OUT/* as they are written, so running runs count up to their last evaluation. Each
     evaluation is paired with the run's first (McNemar); per method and iteration, the mean ± s.e. over the
     seeds below --seeds that reached it; --threshold: the first evaluation whose mean reaches that strict
-    accuracy. With two methods, their difference at each evaluation paired by seed (paired_t)."""
+    accuracy. Each method minus GRPO at each evaluation, paired by seed (paired_t)."""
     root = demo_runs_root(args.out)
     found = {}  # method -> seed -> [(iteration, training seconds, accuracy, gained, lost, p, rollouts' score)]
     for method, seed, history in evaluated_runs(root, args.seeds):
@@ -942,26 +947,26 @@ def demo_curves(args) -> None:
         for ax, xs in zip(axes, (its, mins), strict=True):
             ax.plot(xs, acc, marker="o", label=method)
             ax.fill_between(xs, acc - np.nan_to_num(se), acc + np.nan_to_num(se), alpha=0.2)
-    paired = []
-    if len(found) == 2:  # the second method minus the first at the same seed: the same evaluation noise and base
-        (a, seeds_a), (b, seeds_b) = found.items()
-        common = sorted(set(seeds_a) & set(seeds_b))
-        at = {(m, s): {pt[0]: pt[2] for pt in pts} for m, runs_ in found.items() for s, pts in runs_.items()}
+    paired, a = [], baseline(list(found))  # each method minus GRPO at the same seed: the same evaluation noise, base
+    at = {(m, s): {pt[0]: pt[2] for pt in pts} for m, runs_ in found.items() for s, pts in runs_.items()}
+    for b in [m for m in found if m != a]:
+        common, table = sorted(set(found[a]) & set(found[b])), []
         for it in sorted({it for s in common for it in at[a, s]} - {0}):
             diffs = [at[b, s][it] - at[a, s][it] for s in common if it in at[a, s] and it in at[b, s]]
             test = paired_t(diffs)
             per_seed = " / ".join(f"{d:+.3f}" for d in diffs)
-            paired.append(
+            table.append(
                 f"| {it} | {test['n']} | {per_seed} | {test['mean']:+.3f} ± {test['se']:.3f} "
                 f"| {test['p']:.2g} | {test['mdd']:.3f} |"
             )
-        if paired:
-            paired = [
+        if table:
+            paired += [
+                *([""] if paired else []),
                 f"{b} - {a}, paired by seed (the same evaluation noise and base): per seed, mean ± s.e., paired "
                 "t-test p, and the difference these seeds detect (80 % power, 5 % level).\n",
                 "| iteration | seeds | per seed | mean ± s.e. | p | detectable |",
                 "|---" * 6 + "|",
-                *paired,
+                *table,
             ]
     for ax, label in zip(axes, ("iteration", "training minutes (evaluations excluded)"), strict=True):
         ax.set_xlabel(label)

@@ -1,5 +1,6 @@
 """Tests in three tiers: closed forms of each equation, invariants, end-to-end training runs."""
 
+import argparse
 import ast
 import contextlib
 import dataclasses
@@ -2421,7 +2422,9 @@ def test_demo_curves_read_running_runs_keep_an_iterations_last_record_and_pair_e
     before = [0, 0, 0, 1, 1, 0]
     later = {0: {2: [1, 1, 0, 1, 1, 0], 4: [1, 1, 1, 1, 0, 0]}, 1: {2: [1, 0, 0, 1, 1, 0]}}  # seed 1 still running
     vgpo_later = {0: {2: [1, 1, 1, 1, 1, 0]}, 1: {2: [1, 1, 1, 1, 1, 1]}}  # VGPO - GRPO at 2: +1/6, +3/6
+    anchor_later = {0: {2: [0, 1, 1, 1, 0, 0]}}  # an ablation on one seed: anchor only - GRPO at 2: -1/6
     runs_ = [(("GRPO", s), e) for s, e in later.items()] + [(("VGPO", s), e) for s, e in vgpo_later.items()]
+    runs_ += [(("anchor_only", s), e) for s, e in anchor_later.items()]
     for (method, seed), evals in runs_:
         run = tmp_path / "runs" / "shapes_demo" / "out" / f"{method}_s{seed}"
         run.mkdir(parents=True)
@@ -2449,10 +2452,32 @@ def test_demo_curves_read_running_runs_keep_an_iterations_last_record_and_pair_e
     # paired by seed at iteration 2: +1/6, +3/6 -> mean 1/3, s.e. 1/6, t = 2 on 1 df (Cauchy): p = 1 - 2 atan(2) / pi
     # = 0.295; detectable (t_0.975 + t_0.8) s.e. = (tan(0.475 pi) + tan(0.3 pi)) / 6 = 2.347
     assert "| 2 | 2 | +0.167 / +0.500 | +0.333 ± 0.167 | 0.3 | 2.347 |" in text
+    vgpo_table, anchor_table = text.split("VGPO - GRPO, paired by seed")[1].split("anchor only - GRPO, paired by seed")
+    assert "| 2 | 1 | -0.167 | -0.167 ± nan | nan | nan |" in anchor_table and "-0.167" not in vgpo_table
     experiments.main(["demo_curves", "--out", "out", "--threshold", "0.95"])
     text = (tmp_path / "out" / "curves.md").read_text()
     assert "GRPO: mean strict accuracy 0.95 not reached by iteration 4" in text
     assert "VGPO: mean strict accuracy 0.95 not reached by iteration 2" in text
+
+
+def test_demo_report_pairs_each_method_with_grpo_by_seed(tmp_path):
+    (tmp_path / "demo_runs").mkdir()
+    afters = {"GRPO": [0.5, 0.25, 0.5], "TCRM": [0.75, 0.25], "VGPO": [0.75, 0.5, 1.0]}  # TCRM: seeds 0, 1 only
+    for method, values in afters.items():
+        for seed, after in enumerate(values):
+            h = {"seconds": 30.0, "reward_mean": 0.5, "zero_std_pass": 0.0, "zero_std_fail": 0.0,
+                 "eval_scores_before": [0, 1, 0, 0]}  # fmt: skip
+            record = dict(method=method, seed=seed, overrides={}, iterations=1, prompts=["p"], before=0.25,
+                          after=after, gained=1, lost=0, p=1.0, per_prompt={"p": [0.25, after]}, history=[h],
+                          wall_s=60.0)  # fmt: skip
+            (tmp_path / "demo_runs" / f"{method}_s{seed}.json").write_text(json.dumps(record))
+    experiments.demo_report(argparse.Namespace(out=str(tmp_path)))
+    text = (tmp_path / "demo.md").read_text()
+    # VGPO - GRPO: +0.25, +0.25, +0.5: mean 1/3, s.e. (0.25 / sqrt(3)) / sqrt(3) = 1/12, t = 4 on 2 df:
+    # p = 1 - t / sqrt(2 + t^2) = 0.057 (Student's t with 2 df in closed form)
+    assert "- VGPO - GRPO, paired by seed (3 seeds): +0.333 ± 0.083, paired t-test p = 0.057" in text
+    assert "- TCRM - GRPO, paired by seed (2 seeds): +0.125 ± 0.125, paired t-test p = 0.5" in text  # t = 1, 1 df
+    assert "- VGPO - TCRM" not in text and "- GRPO: significant rises in 0 of 3 seeds" in text
 
 
 def test_shapes_curves_split_categories_average_them_and_pair_each_method_with_grpo(tmp_path, monkeypatch):
