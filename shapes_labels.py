@@ -356,6 +356,7 @@ def _evaluation_pictures(backend, config, n: int) -> tuple[np.ndarray, list]:
 def _trained_run(args, method: str, seed: int) -> tuple[dict, vgpo.Config, str]:
     """A trained run's record, Config and checkpoint: the demo's (`experiments.py demo --out` --demo), or with
     --grammar OUT a graded-score run of `experiments.py shapes --out OUT` (the whole grammar)."""
+    method = method.replace(" ", "_")  # the runs' file names (experiments.shapes_run_name, demo_run)
     if args.grammar:
         name, folder = f"score_{method}_s{seed}", args.grammar
         record_path, runs_root = os.path.join(folder, "shapes_runs", name + ".json"), "shapes"
@@ -374,15 +375,15 @@ def trained(args) -> None:
     """Pictures of trained policies to label (RL finds a reward's holes): for each seed --from_seed ..
     --seeds - 1 of the demo run with `experiments.py demo --out` --demo (or, with --grammar OUT, of the
     graded-score runs of `experiments.py shapes --out OUT`; the records give the runs' Config overrides),
-    the first --per_run evaluation pictures of the base model and of each method's trained LoRA (the same
-    prompts and noise), shuffled into --out (images.npz, samples.json; split "test": the reward is never
+    the first --per_run evaluation pictures of each of --sources: the base model and methods' trained LoRAs
+    (the same prompts and noise), shuffled into --out (images.npz, samples.json; split "test": the reward is never
     tuned on them), appended after the pictures already there (new ids, so that labelled pictures keep
     theirs). The strict verdicts are checked against the runs' records."""
     rng = np.random.default_rng(20261205 + args.from_seed)
     images, records, mismatched = [], [], 0
     strict = rewards.load_reward("geneval_shapes")
     for seed in range(args.from_seed, args.seeds):
-        for source in ("base", "GRPO", "VGPO"):
+        for source in args.sources.split(","):
             record, config, checkpoint = _trained_run(args, "GRPO" if source == "base" else source, seed)
             history = record["history"]
             backend = vgpo.build_backend(config)
@@ -423,7 +424,7 @@ def trained_report(args) -> None:
         "| label passes, reward fails |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    sources = [s for s in ("base", "GRPO", "VGPO") if any(r["source"] == s for r in records)]
+    sources = sorted({r["source"] for r in records}, key=lambda s: (s != "base", s))  # base first
     for source in sources:
         idx = [i for i, r in enumerate(records) if r["source"] == source]
         lab, rew = labels[idx], passed[idx]
@@ -455,7 +456,7 @@ def trained_report(args) -> None:
             cells = []
             for c in categories:
                 idx = [i for i, r in enumerate(records) if r["source"] == source and r["category"] == c]
-                cells.append(f"{labels[idx].mean():.2f} / {passed[idx].mean():.2f} ({len(idx)})")
+                cells.append(f"{labels[idx].mean():.2f} / {passed[idx].mean():.2f} ({len(idx)})" if idx else "-")
             by_category.append(f"| {source} | " + " | ".join(cells) + " |")
         by_category = ["Per category, labels pass / reward passes (pictures):\n", *by_category, ""]
     text = (
@@ -491,6 +492,7 @@ def main(argv=None):
     parser.add_argument("--per_run", type=int, default=48, help="trained: evaluation pictures per run")
     parser.add_argument("--demo", default=DEMO, help="trained: the demo's --out (its records and run directories)")
     parser.add_argument("--grammar", default="", help="trained: instead of the demo, `experiments.py shapes --out`")
+    parser.add_argument("--sources", default="base,GRPO,VGPO", help="trained: e.g. 'TCRM,anchor only'")
     parser.add_argument("ids", nargs="*", type=int, help="zoom: picture ids")
     parser.add_argument("--out", default=OUT)
     args = parser.parse_args(argv)

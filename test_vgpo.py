@@ -2528,6 +2528,7 @@ def test_trained_report_pairs_each_policys_picture_with_the_bases_and_counts_the
     # (source, index, picture, label): GRPO gains index 0 and 1 by the labels and loses index 2
     rows = [("base", 0, blank, False), ("base", 1, good, False), ("base", 2, good, True), ("base", 3, good, True)]
     rows += [("GRPO", 0, good, True), ("GRPO", 1, blank, True), ("GRPO", 2, blank, False), ("GRPO", 3, good, True)]
+    rows += [("anchor only", 2, good, False)]  # an ablation labelled on one picture: lost by the labels
     records = [dict(id=k, prompt=prompt, category="two objects", source=s, seed=0, index=i, split="test")
                for k, (s, i, _, _) in enumerate(rows)]  # fmt: skip
     records[3]["category"] = records[7]["category"] = "single object"  # index 3 counted apart (prompt unchanged)
@@ -2540,10 +2541,13 @@ def test_trained_report_pairs_each_policys_picture_with_the_bases_and_counts_the
     assert "| base | 4 | 0.500 | 0.750 | 0.750 |" in text  # one false pass (index 1)
     assert "| GRPO | 4 | 0.750 | 0.500 | 0.750 | 0.50 | 0 | 1 |" in text  # one miss (index 1)
     assert "VGPO" not in text  # no pictures of it
+    assert "| anchor only | 1 | 0.000 | 1.000 | 0.000 |" in text and text.index("| base |") < text.index("| GRPO |")
+    assert "anchor only, by the labels, on 1 paired pictures: 1.000 -> 0.000 (0 gained, 1 lost" in text
     # per category (the grammar's order), labels / reward: base index 0-2 labels F F T, reward F T T; GRPO T T F, T F F
     assert "| pictures of | single object | two objects |" in text
     assert "| base | 1.00 / 1.00 (1) | 0.33 / 0.67 (3) |" in text
     assert "| GRPO | 1.00 / 1.00 (1) | 0.67 / 0.33 (3) |" in text
+    assert "| anchor only | - | 0.00 / 1.00 (1) |" in text  # no single-object picture of it
     assert (
         "GRPO, by the labels, on 4 paired pictures: 0.500 -> 0.750 (2 gained, 1 lost, McNemar exact p = 1); "
         "seed 0: 0.500 -> 0.750, p = 1" in text
