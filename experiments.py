@@ -303,7 +303,7 @@ def shapes_categories(prompts) -> list:
 
 def shapes_run_name(reward: str, method: str, seed: int, overrides: dict) -> str:
     extra = "".join(f"_{k}{v}" for k, v in sorted(overrides.items()) if k in ("kappa", "gamma", "value_steps"))
-    return f"{reward}_{method.replace(' ', '_')}{extra}_s{seed}"
+    return f"{reward}_{runs.method_file_name(method)}{extra}_s{seed}"
 
 
 def resumable_run(out: str, folder: str, runs_folder: str, name: str) -> tuple[dict | None, str, str]:
@@ -737,7 +737,7 @@ def demo_run(job: tuple) -> dict:
     its checkpoint. Its before/after sample grids are copied to OUT/grids."""
     method, seed, overrides, out, threads = job
     torch.set_num_threads(threads)
-    name = f"{method.replace(' ', '_')}_s{seed}"
+    name = f"{runs.method_file_name(method)}_s{seed}"
     finished, run_dir, resume = resumable_run(out, "demo_runs", "shapes_demo", name)
     if finished:
         return finished
@@ -1226,7 +1226,7 @@ def demo_samplers(args) -> None:
     for record in tqdm(sorted(records, key=lambda r: (r["seed"], r["method"])), desc="policies"):
         seed = record["seed"]
         config = vgpo.Config(model="shapes", **record["overrides"], seed=seed, output_dir="")
-        name = f"{record['method'].replace(' ', '_')}_s{seed}"
+        name = f"{runs.method_file_name(record['method'])}_s{seed}"
         if seed not in base:
             base[seed] = cached_draws(args.out, f"base_s{seed}", partial(vgpo.build_backend, config), strict, graded)
             rows.append(samplers_row(seed, "base", base[seed], None))

@@ -87,6 +87,11 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
+def method_file_name(method: str) -> str:
+    """A method's name as run directories and records spell it ("anchor only" -> "anchor_only")."""
+    return method.replace(" ", "_")
+
+
 def format_metrics(record: dict) -> str:
     """One line of an iteration's scalars (per-sample evaluation scores are left to metrics.jsonl)."""
     items = [(k, v) for k, v in record.items() if not isinstance(v, list)]

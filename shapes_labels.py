@@ -356,7 +356,7 @@ def _evaluation_pictures(backend, config, n: int) -> tuple[np.ndarray, list]:
 def _trained_run(args, method: str, seed: int) -> tuple[dict, vgpo.Config, str]:
     """A trained run's record, Config and checkpoint: the demo's (`experiments.py demo --out` --demo), or with
     --grammar OUT a graded-score run of `experiments.py shapes --out OUT` (the whole grammar)."""
-    method = method.replace(" ", "_")  # the runs' file names (experiments.shapes_run_name, demo_run)
+    method = runs.method_file_name(method)  # as experiments.shapes_run_name and demo_run name the runs
     if args.grammar:
         name, folder = f"score_{method}_s{seed}", args.grammar
         record_path, runs_root = os.path.join(folder, "shapes_runs", name + ".json"), "shapes"
