@@ -726,6 +726,21 @@ def paired_t(differences) -> dict:
     return {"n": n, "mean": statistics.mean(d), "se": se, "p": p, "mdd": mdd}
 
 
+FEW_SEEDS = 4  # paired t-tests on fewer seeds than this are printed with few_seeds_note's warning
+
+
+def few_seeds_note(seed_counts) -> list[str]:
+    """A warning under a table of paired t-tests where any row rests on 2 or 3 seeds: its s.e. has 1-2 degrees
+    of freedom, so a small p can come from a few nearly equal differences by luck."""
+    n = min((k for k in seed_counts if k >= 2), default=None)
+    if n is None or n >= FEW_SEEDS:
+        return []
+    return [
+        f"\nPaired tests on fewer than {FEW_SEEDS} seeds (here as few as {n}): the s.e. rests on {n - 1} degree(s) of "
+        "freedom, so a small p can be a few nearly equal differences by luck, not a measured precision: a lead."
+    ]
+
+
 def baseline(methods_: list[str]) -> str:
     """The method the others are paired against: GRPO where it ran, else the first."""
     return "GRPO" if "GRPO" in methods_ else methods_[0]
@@ -841,6 +856,7 @@ def demo_report(args) -> None:
         )
     a = baseline(methods_)
     after = {(r["method"], r["seed"]): r["after"] for r in found}
+    pair_seeds = []
     for b in [m for m in methods_ if m != a]:
         seeds = sorted({r["seed"] for r in found if r["method"] == a} & {r["seed"] for r in found if r["method"] == b})
         test = paired_t([after[b, s] - after[a, s] for s in seeds])
@@ -848,6 +864,8 @@ def demo_report(args) -> None:
             f"- {b} - {a}, paired by seed ({test['n']} seeds): {test['mean']:+.3f} ± {test['se']:.3f}, paired t-test "
             f"p = {test['p']:.2g}; these seeds detect a difference of {test['mdd']:.3f} (80 % power, 5 % level)"
         )
+        pair_seeds.append(test["n"])
+    lines += few_seeds_note(pair_seeds)
     first = found[0]
     text = (
         f"`python experiments.py demo --seeds N --out {args.out}`: `python vgpo.py --model shapes` "
@@ -947,7 +965,8 @@ def demo_curves(args) -> None:
         for ax, xs in zip(axes, (its, mins), strict=True):
             ax.plot(xs, acc, marker="o", label=method)
             ax.fill_between(xs, acc - np.nan_to_num(se), acc + np.nan_to_num(se), alpha=0.2)
-    paired, a = [], baseline(list(found))  # each method minus GRPO at the same seed: the same evaluation noise, base
+    # each method minus GRPO at the same seed: the same evaluation noise, base
+    paired, pair_seeds, a = [], [], baseline(list(found))
     at = {(m, s): {pt[0]: pt[2] for pt in pts} for m, runs_ in found.items() for s, pts in runs_.items()}
     for b in [m for m in found if m != a]:
         common, table = sorted(set(found[a]) & set(found[b])), []
@@ -959,6 +978,7 @@ def demo_curves(args) -> None:
                 f"| {it} | {test['n']} | {per_seed} | {test['mean']:+.3f} ± {test['se']:.3f} "
                 f"| {test['p']:.2g} | {test['mdd']:.3f} |"
             )
+            pair_seeds.append(test["n"])
         if table:
             paired += [
                 *([""] if paired else []),
@@ -968,6 +988,7 @@ def demo_curves(args) -> None:
                 "|---" * 6 + "|",
                 *table,
             ]
+    paired += few_seeds_note(pair_seeds) if paired else []
     for ax, label in zip(axes, ("iteration", "training minutes (evaluations excluded)"), strict=True):
         ax.set_xlabel(label)
         ax.set_ylabel("strict accuracy, held-out noise")
@@ -1086,7 +1107,7 @@ def shapes_curves(args) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "shapes_curves.png"), dpi=100)
     plt.close(fig)
-    paired = []
+    paired, pair_seeds = [], []
     for method in [m for m in found if m != "GRPO" and "GRPO" in found]:
         common = sorted(set(found[method]) & set(found["GRPO"]))
         at = {(m, s): {pt["iteration"]: pt for pt in found[m][s]} for m in (method, "GRPO") for s in common}
@@ -1098,6 +1119,7 @@ def shapes_curves(args) -> None:
                 f"{statistics.mean(at[method, s][it]['by'][c] - at['GRPO', s][it]['by'][c] for s in both):+.3f}"
                 for c in categories
             )
+            pair_seeds.append(test["n"])
             paired.append(
                 f"| {method} - GRPO | {it} | {test['n']} | {' / '.join(f'{d:+.3f}' for d in diffs)} "
                 f"| {test['mean']:+.3f} ± {test['se']:.3f} | {test['p']:.2g} | {test['mdd']:.3f} | {per_cat} |"
@@ -1110,6 +1132,7 @@ def shapes_curves(args) -> None:
             f"| methods | iteration | seeds | overall per seed | mean ± s.e. | p | detectable | {head} |",
             "|---" * (7 + len(categories)) + "|",
             *paired,
+            *few_seeds_note(pair_seeds),
         ]
     text = (
         f"`python experiments.py shapes_curves --seeds {args.seeds} --out {args.out}`: every evaluation of the runs "

@@ -413,8 +413,9 @@ def trained(args) -> None:
 
 def trained_report(args) -> None:
     """The labels of the trained policies' pictures against the strict reward, per source (base, GRPO,
-    VGPO): pass rates by label and by reward, agreement and kappa, and the before -> after change the
-    labels see on the same prompts and noise: trained.md."""
+    VGPO, the ablations): pass rates by label and by reward, agreement and kappa, the before -> after change the
+    labels see on the same prompts and noise, and each method against each other on the pictures both were
+    labelled on (the same seed, prompt and noise): trained.md."""
     images, records = load(args.out)
     keep = [i for i, r in enumerate(records) if "label" in r]
     images, records = images[keep], [records[i] for i in keep]
@@ -448,6 +449,19 @@ def trained_report(args) -> None:
             f"- {method}, by the labels, on {len(keys)} paired pictures: {np.mean(before):.3f} -> {np.mean(after):.3f}"
             f" ({gained} gained, {lost} lost, McNemar exact p = {p:.2g}); " + "; ".join(per_seed)
         )
+    methods = [s for s in sources if s != "base"]
+    for k, reference in enumerate(methods):  # method against method, on the pictures both were labelled on
+        for other in methods[k + 1 :]:
+            keys = [(s, i) for (src, s, i) in by_key if src == other and (reference, s, i) in by_key]
+            if not keys:
+                continue
+            ref, oth = [by_key[reference, s, i] for s, i in keys], [by_key[other, s, i] for s, i in keys]
+            only_other, only_ref, p = runs.mcnemar(ref, oth)
+            lines.append(
+                f"- {other} against {reference}, by the labels, on the same {len(keys)} pictures (seed, prompt and "
+                f"noise): {np.mean(ref):.3f} ({reference}) against {np.mean(oth):.3f} ({other}); {other} alone "
+                f"passes {only_other}, {reference} alone {only_ref} (McNemar exact p = {p:.2g})"
+            )
     categories = [c for c in shapes.CATEGORIES if any(r["category"] == c for r in records)]
     by_category = []
     if len(categories) > 1:  # the grammar's runs: where the labels and the reward see a change

@@ -2454,6 +2454,7 @@ def test_demo_curves_read_running_runs_keep_an_iterations_last_record_and_pair_e
     assert "| 2 | 2 | +0.167 / +0.500 | +0.333 ± 0.167 | 0.3 | 2.347 |" in text
     vgpo_table, anchor_table = text.split("VGPO - GRPO, paired by seed")[1].split("anchor only - GRPO, paired by seed")
     assert "| 2 | 1 | -0.167 | -0.167 ± nan | nan | nan |" in anchor_table and "-0.167" not in vgpo_table
+    assert "Paired tests on fewer than 4 seeds (here as few as 2)" in anchor_table  # the one seed's row has no test
     experiments.main(["demo_curves", "--out", "out", "--threshold", "0.95"])
     text = (tmp_path / "out" / "curves.md").read_text()
     assert "GRPO: mean strict accuracy 0.95 not reached by iteration 4" in text
@@ -2478,6 +2479,7 @@ def test_demo_report_pairs_each_method_with_grpo_by_seed(tmp_path):
     assert "- VGPO - GRPO, paired by seed (3 seeds): +0.333 ± 0.083, paired t-test p = 0.057" in text
     assert "- TCRM - GRPO, paired by seed (2 seeds): +0.125 ± 0.125, paired t-test p = 0.5" in text  # t = 1, 1 df
     assert "- VGPO - TCRM" not in text and "- GRPO: significant rises in 0 of 3 seeds" in text
+    assert "Paired tests on fewer than 4 seeds (here as few as 2): the s.e. rests on 1 degree(s)" in text
 
 
 def test_shapes_curves_split_categories_average_them_and_pair_each_method_with_grpo(tmp_path, monkeypatch):
@@ -2515,8 +2517,16 @@ def test_shapes_curves_split_categories_average_them_and_pair_each_method_with_g
     assert "| VGPO - GRPO | 2 | 2 | +0.250 / +0.125 | +0.188 ± 0.062 | 0.2 |" in text
     assert text.split("| VGPO - GRPO | 2 |")[1].split("\n")[0].endswith("| +0.000 | +0.250 | +0.250 | +0.250 |")
     assert "| anchor only - GRPO | 2 | 1 | -0.250 | -0.250 ± nan | nan |" in text  # one seed (0.375 - 0.625): no test
+    assert "Paired tests on fewer than 4 seeds (here as few as 2)" in text
     experiments.main(["shapes_curves", "--out", "out", "--seeds", "1"])  # seed 0 only
-    assert "| GRPO | 2 | 1 | 1 | 0.625 ± nan |" in (tmp_path / "out" / "shapes_curves.md").read_text()
+    text = (tmp_path / "out" / "shapes_curves.md").read_text()
+    assert "| GRPO | 2 | 1 | 1 | 0.625 ± nan |" in text and "Paired tests on fewer" not in text  # no test, no warning
+
+
+def test_few_seeds_note_warns_only_where_a_paired_test_rests_on_two_or_three_seeds():
+    assert experiments.few_seeds_note([5, 4]) == [] and experiments.few_seeds_note([1, 1]) == []
+    (note,) = experiments.few_seeds_note([5, 3, 1])  # the one-seed row has no test; the three-seed row is the fewest
+    assert "as few as 3" in note and "2 degree(s) of freedom" in note
 
 
 def test_trained_report_pairs_each_policys_picture_with_the_bases_and_counts_the_reward_against_the_labels(
@@ -2552,6 +2562,31 @@ def test_trained_report_pairs_each_policys_picture_with_the_bases_and_counts_the
         "GRPO, by the labels, on 4 paired pictures: 0.500 -> 0.750 (2 gained, 1 lost, McNemar exact p = 1); "
         "seed 0: 0.500 -> 0.750, p = 1" in text
     )
+
+
+def test_trained_report_pairs_methods_with_each_other_on_the_pictures_both_were_labelled_on(tmp_path):
+    # (source, seed, index, label). GRPO against TCRM on (seed, index): (0,0) F/T, (0,1) F/T, (0,2) T/T, (0,3) F/F,
+    # (1,0) F/T; TCRM's (1,1) has no GRPO picture. So 5 pairs, GRPO 1/5, TCRM 4/5, TCRM alone passes 3, GRPO
+    # alone 0: exact McNemar two-sided p = 2 * 0.5**3 = 0.25.
+    rows = [("base", 0, i, False) for i in range(4)]
+    rows += [("GRPO", 0, 0, False), ("GRPO", 0, 1, False), ("GRPO", 0, 2, True), ("GRPO", 0, 3, False)]
+    rows += [("GRPO", 1, 0, False), ("TCRM", 1, 1, True), ("TCRM", 1, 0, True)]
+    rows += [("TCRM", 0, 0, True), ("TCRM", 0, 1, True), ("TCRM", 0, 2, True), ("TCRM", 0, 3, False)]
+    prompt = "a photo of a red circle and a blue triangle"
+    records = [dict(id=k, prompt=prompt, category="two objects", source=src, seed=s, index=i, split="test")
+               for k, (src, s, i, _) in enumerate(rows)]  # fmt: skip
+    np.savez_compressed(tmp_path / "images.npz", images=np.full((len(rows), 32, 32, 3), 255, np.uint8))
+    (tmp_path / "samples.json").write_text(json.dumps(records))
+    labels = {str(k): dict(label=r[3], confidence="sure", reason="") for k, r in enumerate(rows)}
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    shapes_labels.main(["trained_report", "--out", str(tmp_path)])
+    text = (tmp_path / "trained.md").read_text()
+    assert (
+        "- TCRM against GRPO, by the labels, on the same 5 pictures (seed, prompt and noise): 0.200 (GRPO) against "
+        "0.800 (TCRM); TCRM alone passes 3, GRPO alone 0 (McNemar exact p = 0.25)" in text
+    )
+    assert "against base" not in text  # the base is paired in its own lines (before -> after)
+    assert "TCRM, by the labels, on 4 paired pictures: 0.000 -> 0.750" in text  # seed 0 only: the base's pictures
 
 
 def test_shipped_shapes_weights_reach_the_stated_base_accuracy():
