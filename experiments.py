@@ -899,17 +899,24 @@ def read_metrics(run_dir: str) -> list:
     return [records[i] for i in sorted(records)]
 
 
-def evaluated_runs(root: str, seeds: int):
-    """(name, seed, history) of each run directory ROOT/NAME_sSEED with seed below `seeds` whose
-    metrics.jsonl holds its first evaluation (`eval_scores_before`), read as written (a running run counts
-    up to its last record)."""
-    for run_dir in sorted(glob.glob(os.path.join(root, "*_s*"))):
-        if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-            continue
-        name, seed = os.path.basename(run_dir).rsplit("_s", 1)
+def evaluated_runs(root: str, seeds: int, records: str = ""):
+    """(name, seed, history) of each run NAME_sSEED with seed below `seeds` whose history holds its first
+    evaluation (`eval_scores_before`): read from its directory ROOT/NAME_sSEED/metrics.jsonl as written (a
+    running run counts up to its last record), or, where that directory is gone (a fresh checkout: runs/ is
+    not committed), from the finished run's record RECORDS/NAME_sSEED.json (the history vgpo.train returned)."""
+    dirs = {os.path.basename(d): d for d in glob.glob(os.path.join(root, "*_s*"))}
+    files = {os.path.basename(f)[: -len(".json")]: f for f in glob.glob(os.path.join(records, "*_s*.json"))}
+    for key in sorted(set(dirs) | (set(files) if records else set())):
+        name, seed = key.rsplit("_s", 1)
         if int(seed) >= seeds:
             continue
-        history = read_metrics(run_dir)
+        if key in dirs and os.path.exists(os.path.join(dirs[key], "metrics.jsonl")):
+            history = read_metrics(dirs[key])
+        elif key in files:
+            with open(files[key]) as f:
+                history = json.load(f)["history"]
+        else:
+            continue
         if history and history[0].get("eval_scores_before") is not None:
             yield name, int(seed), history
 
@@ -917,13 +924,14 @@ def evaluated_runs(root: str, seeds: int):
 def demo_curves(args) -> None:
     """OUT/curves.md and OUT/curves.png: strict accuracy at every evaluation of the demo's runs (eval_every),
     against iteration and against training seconds (evaluations excluded), read from the run directories
-    runs/shapes_demo/OUT/* as they are written, so running runs count up to their last evaluation. Each
+    runs/shapes_demo/OUT/* as they are written, so running runs count up to their last evaluation (a finished
+    run whose directory is gone: from its record OUT/demo_runs/*.json). Each
     evaluation is paired with the run's first (McNemar); per method and iteration, the mean ± s.e. over the
     seeds below --seeds that reached it; --threshold: the first evaluation whose mean reaches that strict
     accuracy. Each method minus GRPO at each evaluation, paired by seed (paired_t)."""
     root = demo_runs_root(args.out)
     found = {}  # method -> seed -> [(iteration, training seconds, accuracy, gained, lost, p, rollouts' score)]
-    for method, seed, history in evaluated_runs(root, args.seeds):
+    for method, seed, history in evaluated_runs(root, args.seeds, os.path.join(args.out, "demo_runs")):
         before, seconds, window, points = history[0]["eval_scores_before"], 0.0, [], []
         points.append((0, 0.0, statistics.mean(before), 0, 0, 1.0, float("nan")))
         for h in history:
@@ -934,7 +942,9 @@ def demo_curves(args) -> None:
                 window = []
         found.setdefault(method.replace("_", " "), {})[seed] = points
     if not found:
-        raise SystemExit(f"no run with an evaluation under {root}: run `python experiments.py demo` first")
+        raise SystemExit(
+            f"no run with an evaluation under {root} or {args.out}/demo_runs: run `python experiments.py demo` first"
+        )
     rows = [
         "| method | iteration | seeds | training min | strict accuracy (mean ± s.e.) | gained / lost vs before "
         "| seeds with a rise at p < 0.05 | rollouts' graded score since the last evaluation |",
@@ -1044,17 +1054,21 @@ def shapes_curves(args) -> None:
     """OUT/shapes_curves.md and .png for `shapes` runs on the grammar: strict accuracy per category and
     overall at every evaluation, against iteration and training minutes, mean ± s.e. over the seeds below
     --seeds that reached it (read from runs/shapes/OUT/* as written: running runs count up to their last
-    evaluation); the all-pass and all-fail groups between evaluations (ADAE's case); --threshold: the first
-    evaluation whose mean overall accuracy reaches it; every method against GRPO, paired by seed."""
+    evaluation; a finished run whose directory is gone, from its record OUT/shapes_runs/*.json); the all-pass
+    and all-fail groups between evaluations (ADAE's case); --threshold: the first evaluation whose mean overall
+    accuracy reaches it; every method against GRPO, paired by seed."""
     root = os.path.join("runs", "shapes", os.path.basename(os.path.normpath(args.out)))
     found, curves_ = {}, {}  # method -> seed -> points; method -> per-iteration zero_std means over seeds
-    for name, seed, history in evaluated_runs(root, args.seeds):
+    for name, seed, history in evaluated_runs(root, args.seeds, os.path.join(args.out, "shapes_runs")):
         prompts = grammar_eval_prompts(len(history[0]["eval_scores_before"]))
         method = name.split("_", 1)[1].replace("_", " ")  # REWARD_METHOD (shapes_run_name)
         found.setdefault(method, {})[seed] = grammar_points(history, prompts)
         curves_.setdefault(method, []).append([[h[k] for k in ZERO_KEYS] for h in history])
     if not found:
-        raise SystemExit(f"no run with an evaluation under {root}: run `python experiments.py shapes` first")
+        raise SystemExit(
+            f"no run with an evaluation under {root} or {args.out}/shapes_runs: run `python experiments.py shapes` "
+            "first"
+        )
     categories = list(next(iter(next(iter(found.values())).values()))[0]["by"])
     head = " | ".join(categories)
     rows = [

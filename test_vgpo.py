@@ -2417,6 +2417,25 @@ def test_grammar_runs_record_categories_and_their_pictures_draw_again(shapes_wei
     )
 
 
+def test_evaluated_runs_read_a_finished_runs_record_where_its_directory_is_gone(tmp_path):
+    # runs/ is not committed: on a fresh checkout the curves must come from the records OUT/*_runs/NAME.json
+    root, records = tmp_path / "runs", tmp_path / "records"
+    (root / "GRPO_s0").mkdir(parents=True)
+    records.mkdir()
+    running = [{"iteration": 0, "eval_scores_before": [1, 0]}, {"iteration": 1, "eval_scores": [1, 1]}]
+    (root / "GRPO_s0" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in running))
+    (root / "VGPO_s2").mkdir()  # a run directory without metrics yet: skipped
+    stale = [{"iteration": 0, "eval_scores_before": [0, 0]}]  # GRPO_s0's record: its directory wins
+    (records / "GRPO_s0.json").write_text(json.dumps({"history": stale}))
+    finished = [{"iteration": 0, "eval_scores_before": [0, 1]}, {"iteration": 1, "eval_scores": [1, 1]}]
+    (records / "anchor_only_s1.json").write_text(json.dumps({"history": finished}))
+    (records / "anchor_only_s1.lora.safetensors").write_bytes(b"")  # not a record
+    (records / "VGPO_s5.json").write_text(json.dumps({"history": finished}))  # seed 5: not below 3
+    got = list(experiments.evaluated_runs(str(root), 3, str(records)))
+    assert got == [("GRPO", 0, running), ("anchor_only", 1, finished)]
+    assert [n for n, _, _ in experiments.evaluated_runs(str(root), 3)] == ["GRPO"]  # no records given
+
+
 def test_demo_curves_read_running_runs_keep_an_iterations_last_record_and_pair_each_evaluation(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     before = [0, 0, 0, 1, 1, 0]
