@@ -905,8 +905,12 @@ def evaluated_runs(root: str, seeds: int, records: str = ""):
     running run counts up to its last record), or, where that directory is gone (a fresh checkout: runs/ is
     not committed), from the finished run's record RECORDS/NAME_sSEED.json (the history vgpo.train returned)."""
     dirs = {os.path.basename(d): d for d in glob.glob(os.path.join(root, "*_s*"))}
-    files = {os.path.basename(f)[: -len(".json")]: f for f in glob.glob(os.path.join(records, "*_s*.json"))}
-    for key in sorted(set(dirs) | (set(files) if records else set())):
+    files = (
+        {os.path.basename(f)[: -len(".json")]: f for f in glob.glob(os.path.join(records, "*_s*.json"))}
+        if records
+        else {}
+    )
+    for key in sorted(set(dirs) | set(files)):
         name, seed = key.rsplit("_s", 1)
         if int(seed) >= seeds:
             continue
@@ -998,7 +1002,7 @@ def demo_curves(args) -> None:
                 "|---" * 6 + "|",
                 *table,
             ]
-    paired += few_seeds_note(pair_seeds) if paired else []
+    paired += few_seeds_note(pair_seeds)  # [] where no table (no test on 2-3 seeds)
     for ax, label in zip(axes, ("iteration", "training minutes (evaluations excluded)"), strict=True):
         ax.set_xlabel(label)
         ax.set_ylabel("strict accuracy, held-out noise")

@@ -434,11 +434,14 @@ def trained_report(args) -> None:
             f"| {kappa(lab, rew):.2f} | {int((rew & ~lab).sum())} | {int((lab & ~rew).sum())} |"
         )
     by_key = {(r["source"], r["seed"], r["index"]): labels[i] for i, r in enumerate(records)}
+
+    def paired(reference, other):  # (seed, index) of the pictures both were labelled on, and their labels
+        keys = [(s, i) for (src, s, i) in by_key if src == other and (reference, s, i) in by_key]
+        return keys, [by_key[reference, s, i] for s, i in keys], [by_key[other, s, i] for s, i in keys]
+
     lines = []
     for method in [s for s in sources if s != "base"]:
-        keys = [(s, i) for (src, s, i) in by_key if src == method and ("base", s, i) in by_key]
-        before = [by_key["base", s, i] for s, i in keys]
-        after = [by_key[method, s, i] for s, i in keys]
+        keys, before, after = paired("base", method)
         gained, lost, p = runs.mcnemar(before, after)
         per_seed = []
         for seed in sorted({s for s, _ in keys}):
@@ -452,10 +455,9 @@ def trained_report(args) -> None:
     methods = [s for s in sources if s != "base"]
     for k, reference in enumerate(methods):  # method against method, on the pictures both were labelled on
         for other in methods[k + 1 :]:
-            keys = [(s, i) for (src, s, i) in by_key if src == other and (reference, s, i) in by_key]
+            keys, ref, oth = paired(reference, other)
             if not keys:
                 continue
-            ref, oth = [by_key[reference, s, i] for s, i in keys], [by_key[other, s, i] for s, i in keys]
             only_other, only_ref, p = runs.mcnemar(ref, oth)
             lines.append(
                 f"- {other} against {reference}, by the labels, on the same {len(keys)} pictures (seed, prompt and "
