@@ -354,21 +354,36 @@ def _evaluation_pictures(backend, config, n: int) -> tuple[np.ndarray, list]:
 
 
 def _trained_run(args, method: str, seed: int) -> tuple[dict, vgpo.Config, str]:
-    """A trained run's record, Config and checkpoint: the demo's (`experiments.py demo --out` --demo), or with
-    --grammar OUT a graded-score run of `experiments.py shapes --out OUT` (the whole grammar)."""
+    """A trained run's record, Config and trained LoRA: the demo's (`experiments.py demo --out` --demo), or with
+    --grammar OUT a graded-score run of `experiments.py shapes --out OUT` (the whole grammar). The LoRA is the
+    run's checkpoint (runs/, float32) where the run directory is still here, else the LoRA its record committed
+    beside it (OUT/shapes_runs/NAME.lora.safetensors, rounded to float16: `trained` counts any verdict this
+    changes against the run's record); an error names both when neither exists."""
     method = runs.method_file_name(method)  # as experiments.shapes_run_name and demo_run name the runs
     if args.grammar:
-        name, folder = f"score_{method}_s{seed}", args.grammar
-        record_path, runs_root = os.path.join(folder, "shapes_runs", name + ".json"), "shapes"
+        name, folder, kind = f"score_{method}_s{seed}", args.grammar, "shapes_runs"
+        runs_root = "shapes"
     else:
-        name, folder = f"{method}_s{seed}", args.demo
-        record_path, runs_root = os.path.join(folder, "demo_runs", name + ".json"), "shapes_demo"
+        name, folder, kind = f"{method}_s{seed}", args.demo, "demo_runs"
+        runs_root = "shapes_demo"
+    record_path = os.path.join(folder, kind, name + ".json")
     with open(record_path) as f:
         record = json.load(f)
     fields = {"shapes_prompts": "grammar"} if args.grammar else {}
     config = vgpo.Config(model="shapes", **fields, **record["overrides"], seed=seed, output_dir="")
     checkpoint = os.path.join("runs", runs_root, os.path.basename(os.path.normpath(folder)), name, "checkpoint.pt")
-    return record, config, checkpoint
+    committed = os.path.join(folder, kind, name + ".lora.safetensors")
+    if not os.path.exists(checkpoint) and not os.path.exists(committed):
+        raise FileNotFoundError(f"run {name}: neither its checkpoint {checkpoint} nor a committed LoRA {committed}")
+    return record, config, checkpoint if os.path.exists(checkpoint) else committed
+
+
+def _load_trained(backend, path: str) -> None:
+    """Put _trained_run's LoRA (a checkpoint.pt or a .lora.safetensors) into the backend."""
+    if path.endswith(".pt"):
+        runs.set_lora(backend, torch.load(path, weights_only=False)["lora"])
+    else:
+        runs.set_lora(backend, {k: v.float() for k, v in load_file(path).items()})
 
 
 def trained(args) -> None:
@@ -384,11 +399,11 @@ def trained(args) -> None:
     strict = rewards.load_reward("geneval_shapes")
     for seed in range(args.from_seed, args.seeds):
         for source in args.sources.split(","):
-            record, config, checkpoint = _trained_run(args, "GRPO" if source == "base" else source, seed)
+            record, config, lora = _trained_run(args, "GRPO" if source == "base" else source, seed)
             history = record["history"]
             backend = vgpo.build_backend(config)
             if source != "base":
-                runs.set_lora(backend, torch.load(checkpoint, weights_only=False)["lora"])
+                _load_trained(backend, lora)
             arrs, prompts = _evaluation_pictures(backend, config, args.per_run)
             recorded = history[0]["eval_scores_before"] if source == "base" else history[-1]["eval_scores"]
             verdict = strict(as_batch(arrs), prompts).numpy()

@@ -2409,12 +2409,33 @@ def test_grammar_runs_record_categories_and_their_pictures_draw_again(shapes_wei
                for tag in ("before", "after"))  # fmt: skip
     experiments.main(["shapes_curves", "--seeds", "1", "--out", "out"])
     assert "| VGPO - GRPO | 1 | 1 |" in (tmp_path / "out" / "shapes_curves.md").read_text()
+    loaded, load_trained = [], shapes_labels._load_trained
+    monkeypatch.setattr(
+        shapes_labels, "_load_trained", lambda backend, path: (loaded.append(path), load_trained(backend, path))
+    )
     shapes_labels.main(["trained", "--grammar", "out", "--seeds", "1", "--per_run", "4", "--out", "labels"])
     assert "strict verdicts differing from the runs' records: 0" in capsys.readouterr().out  # drawn again exactly
     drawn = json.loads((tmp_path / "labels" / "samples.json").read_text())
     assert sorted((r["source"], r["category"]) for r in drawn) == sorted(
         (s, c) for s in ("base", "GRPO", "VGPO") for c in shapes.CATEGORIES
     )
+    os.rename(tmp_path / "runs", tmp_path / "gone")  # a fresh checkout: only the committed float16 LoRAs are left
+    shapes_labels.main(["trained", "--grammar", "out", "--seeds", "1", "--per_run", "4", "--out", "again"])
+    assert "strict verdicts differing from the runs' records: " in capsys.readouterr().out
+    assert json.loads((tmp_path / "again" / "samples.json").read_text()) == drawn  # the same pictures, in order
+    first, again = (np.load(tmp_path / d / "images.npz")["images"].astype(float) for d in ("labels", "again"))
+    trained_ = np.array([r["source"] != "base" for r in drawn])
+    assert np.array_equal(first[~trained_], again[~trained_])  # the base is drawn without a LoRA
+    assert np.abs(first[trained_] - again[trained_]).mean() < 0.5  # float16 LoRA: at most a rare level off (0 here)
+    assert loaded[:2] == [
+        os.path.join("runs", "shapes", "out", f"score_{m}_s0", "checkpoint.pt") for m in ("GRPO", "VGPO")
+    ]
+    assert loaded[2:] == [
+        os.path.join("out", "shapes_runs", f"score_{m}_s0.lora.safetensors") for m in ("GRPO", "VGPO")
+    ]
+    (tmp_path / "out" / "shapes_runs" / "score_VGPO_s0.lora.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="score_VGPO_s0.lora.safetensors"):
+        shapes_labels.main(["trained", "--grammar", "out", "--seeds", "1", "--per_run", "4", "--out", "third"])
 
 
 def test_evaluated_runs_read_a_finished_runs_record_where_its_directory_is_gone(tmp_path):
