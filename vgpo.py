@@ -138,7 +138,8 @@ def relative_advantage(values, global_std=True, eps=1e-4):
     std is the population std (ddof 0) within each group, or over all N*G samples of the
     batch at that step when global_std (Flow-GRPO's default). (N, G, T) -> (N, G, T).
     Decision 15: a group whose values are all equal at a step gets exactly 0 there (its std is 0);
-    float rounding of the mean would leave ~1e-7 (24 values of 0.8) and keep it in decision 12's mask.
+    float rounding of the mean would leave ~1e-7 before the division by std + eps (24 values of 0.8; ~1e-3
+    after it without global_std) and keep the group in decision 12's mask.
     """
     values = values.float()
     mu = values.mean(dim=1, keepdim=True)  # (N, 1, T)
@@ -164,10 +165,10 @@ def anchor_advantage(values, kappa, anchor_steps, gamma):
 
 
 def adae(relative, anchor, weights, adv_clip=5.0):
-    """Eq. 13's combination: A_k = clamp(w_k * (relative_k + anchor_k), -adv_clip, adv_clip).
+    """Eq. 13's combination: A_k = clamp(w_k * (relative_k + a_k), -adv_clip, adv_clip).
 
-    Paper <-> code: w <-> weights (Eq. 11), the two terms of `relative_advantage` and
-    `anchor_advantage` (on_k * kappa * anchor_k). All (N, G, T) -> (N, G, T).
+    Paper <-> code: w <-> weights (Eq. 11), relative <-> `relative_advantage`, and a <-> `anchor_advantage`,
+    which already holds on_k * kappa * Q_k / sum_j gamma^j (pass its output, not Q). All (N, G, T) -> (N, G, T).
     """
     return (weights * (relative + anchor)).clamp(-adv_clip, adv_clip)  # (N, G, T)
 
@@ -187,7 +188,7 @@ def vgpo_advantages(values, kappa, anchor_steps, gamma, global_std=True, eps=1e-
 
 
 def grpo_advantages(rewards, num_steps, global_std=True, eps=1e-4, adv_clip=5.0):
-    """Flow-GRPO: A = (R_T - mean_G R_T) / (std R_T + eps), the same for every step.
+    """Flow-GRPO: A = clamp((R_T - mean_G R_T) / (std R_T + eps), -adv_clip, adv_clip), the same for every step.
 
     (N, G) terminal rewards -> (N, G, T) advantages.
     """
@@ -225,7 +226,8 @@ def kl_to_reference(mean, ref_mean, std):
     """KL term of Eq. 8 (Flow-GRPO convention): mean_dims (mean - mean_ref)^2 / (2 std_k^2).
 
     The exact Gaussian KL is this divided by |dt|; beta is tuned to this form (decision 8).
-    mean, ref_mean (B, D...), std (B, 1...) or a float -> (B,).
+    mean, ref_mean (B, D...), std (B, 1...) or a float -> (B,). std is Eq. 7's std_k (the 4th return of
+    `sde_step_with_logprob`), not the transition's std_k sqrt(-dt).
     """
     std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
     sq = (mean.float() - ref_mean.float()) ** 2 / (2 * std**2)  # (B, D...)
@@ -353,7 +355,8 @@ def rollout(
     forwards per step). Per step at most one decode and one reward call for the whole batch;
     with instant=False only the final state is decoded and scored (Flow-GRPO's cost). With
     workers > 0 a step's reward is scored in a thread while the sampler computes the next steps;
-    all are gathered, in step order, before returning.
+    all are gathered, in step order, before returning. sigmas (T+1,); generator: one torch.Generator
+    or a list of them, one per sample (a sample's noise then does not depend on its batch).
     """
     cond = backend.encode(prompts)
     x = backend.noise(len(prompts), generator)  # (B, D...)
@@ -439,7 +442,8 @@ def batch_advantages(rewards, config: Config):
 
 def step_loss(backend, batch: Rollout, advantages, idx, k, sigmas, config: Config):
     """Loss of sampling step k on the samples idx: recompute log p of the stored action, Eq. 8 + KL.
-    Returns the loss and its diagnostics as detached scalar tensors."""
+    idx indexes this rank's batch, and advantages are this rank's rows (B_rank, T), as batch's (policy_update
+    slices them). Returns the loss and its diagnostics as detached scalar tensors."""
     cond = {name: t[idx] for name, t in batch.cond.items()}
     x, x_next = batch.latents[idx, k], batch.latents[idx, k + 1]  # (b, D...)
     v = backend.velocity(x, sigmas[k], cond, train=True)  # (b, D...), with grad
@@ -466,7 +470,8 @@ def minibatches(advantages, trained: int, num_minibatches: int, generator) -> li
     """Decision 12: the samples with a signal in the first `trained` steps (Flow-GRPO's mask), padded
     with randomly chosen samples without one up to a multiple of num_minibatches when there are enough
     (the reference pads each GPU's samples to a multiple of its sampling batches per epoch, ac4c86e
-    scripts/train_sd3.py:797-808), in random order, split into num_minibatches equal parts (826-836).
+    scripts/train_sd3.py:797-808), in random order, split into at most num_minibatches parts (826-836),
+    equal when the padding sufficed (fewer signalled samples than num_minibatches: fewer optimizer steps).
     A padded sample adds no policy gradient, only its KL term. Decision 13: with no
     signal at all, no minibatch (the reference would fail on an empty batch): no optimizer step.
     (B, T) advantages -> list of (b,) index tensors."""
@@ -490,10 +495,11 @@ def policy_update(
     Each step's loss is weighed by the micro-batch's share of the minibatch and divided by the number
     of trained steps, so the accumulated gradient is that of the mean of L_k over trained steps and
     minibatch samples, whatever micro_batch is (memory only, as Flow-GRPO's gradient accumulation).
-    Minibatches are drawn over all `total` samples of every rank; this rank holds samples
-    offset..offset+B-1 and trains its part, and gradients are summed over ranks (data parallel).
-    `advantages` are every rank's (total, T). Diagnostics are returned as scalar tensors, summed on
-    the device (no synchronisation per step): the trainer reads them once, when it logs.
+    Minibatches are drawn over the samples of every rank, `advantages` (total, T) in rank order; this rank
+    holds samples offset..offset+B-1 and trains its part, and gradients are summed over ranks (data
+    parallel). `total` (= len(advantages)) is not read: kept so that callers written for it still run.
+    Diagnostics are returned as scalar tensors, summed on the device (no synchronisation per step): the
+    trainer reads them once, when it logs.
     """
     trained, local_size = int(config.num_steps * config.timestep_fraction), len(batch.prompts)
     parts = minibatches(advantages, trained, config.num_minibatches, generator)
@@ -672,7 +678,9 @@ def train(config: Config, reward_fn=None) -> list[dict]:
 @dataclass(init=False)
 class Config:
     """Config(model=X, **fields): the paper's defaults below, then PRESETS[X] when the model has a
-    preset (toy, tiny, shapes), then the caller's fields; `python vgpo.py --model X --field v` builds the same."""
+    preset (toy, tiny, shapes), then the caller's fields; `python vgpo.py --model X --field v` builds the same.
+    Config() is the CPU toy (model "toy" and its preset: clip_range 0.2, lr 3e-3, ...); the paper's defaults
+    as written below apply to a model without a preset (an SD3.5 id or directory)."""
 
     # run
     model: str = "toy"  # toy | shapes | tiny | random-sd3.5-medium (random weights, offline) | hub id | directory
@@ -726,7 +734,7 @@ class Config:
     eval_samples: int = 64  # held-out samples per evaluation (toy: noise; SD3: prompts x 1)
     output_dir: str = ""  # LoRA weights, sample grids, metrics, curves, checkpoints; empty: nothing written
     tensorboard: bool = False  # also log scalars and eval grids to output_dir/tensorboard (needs tensorboard)
-    ema: bool = True  # evaluate and export an EMA of the LoRA weights (Flow-GRPO: on); toy, tiny: off (README)
+    ema: bool = True  # evaluate and export an EMA of the LoRA weights (Flow-GRPO: on); toy, tiny, shapes: off (README)
     ema_decay: float = 0.9  # EMA decay (Flow-GRPO: 0.9), warmed up as min((1 + n) / (10 + n), decay)
     ema_every: int = 8  # optimizer steps between EMA updates (Flow-GRPO: 8)
     checkpoint_every: int = 10  # also on SIGINT/SIGTERM and at the end; needs output_dir
@@ -943,13 +951,13 @@ def cli_error(err: ConfigError):
 
 
 def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
-    """Defaults: the paper's, then PRESETS[model] (toy, tiny), --preset, --method; explicit flags win."""
+    """Defaults: the paper's, then PRESETS[model] (toy, tiny, shapes), --preset, --method; explicit flags win."""
     pre = OneLineParser(add_help=False)
     pre.add_argument("--model", default=Config.model, help=_field_help()["model"])
     pre.add_argument("--preset", default=None, choices=["small-gpu"], help="settings for one 24 GB GPU")
     pre.add_argument("--method", default="vgpo", choices=["vgpo", "grpo"], help="grpo: dense_values off, kappa 0")
     known, _ = pre.parse_known_args(argv)
-    defaults = dict(PRESETS.get(known.model, {}))  # the toy and tiny models have presets of their own
+    defaults = dict(PRESETS.get(known.model, {}))  # the toy, tiny and shapes models have presets of their own
     defaults |= PRESETS.get(known.preset, {}) | PRESETS[known.method]
 
     parser = OneLineParser(description=__doc__.split("\n")[0], parents=[pre])
