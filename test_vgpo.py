@@ -65,7 +65,7 @@ def test_zero_noise_is_the_euler_step():
     x, v = torch.randn(4, 2), torch.randn(4, 2)
     x_next, log_prob, _, _ = vgpo.sde_step_with_logprob(v, x, 0.8, 0.5, 0.0)
     torch.testing.assert_close(x_next, x + v * (0.5 - 0.8))
-    assert torch.isfinite(log_prob).all()
+    assert (log_prob == 0).all()  # decision 7: no density without noise
 
 
 def test_ode_step_draws_no_noise_and_no_density():
@@ -505,7 +505,9 @@ def test_reference_is_the_base_model_with_the_adapter_zeroed(model, shapes_weigh
 def test_kl_to_the_reference_is_positive_after_an_update():
     config = vgpo.toy_config(toy_pretrain_steps=200, beta=0.04, iterations=2, eval_samples=16)
     history = vgpo.train(config)
-    assert history[0]["kl_ref"] > 0 and history[1]["kl_ref"] > history[0]["kl_ref"] * 0.1
+    # iteration 0's first minibatch is the reference itself (KL 0); its later ones, and iteration 1, have moved
+    # away, further in iteration 1 (seeds 0-4: 2.3x-10x iteration 0's)
+    assert history[0]["kl_ref"] > 0 and history[1]["kl_ref"] > history[0]["kl_ref"]
     assert math.isnan(vgpo.train(vgpo.toy_config(toy_pretrain_steps=200, beta=0.0, iterations=1, eval_samples=16))[0][
         "kl_ref"
     ])  # fmt: skip
@@ -1230,10 +1232,20 @@ def test_clip_preprocess_matches_the_image_processor_normalisation(tiny_clip_dir
 
 
 def test_clipscore_and_aesthetic_heads_have_the_documented_form(tiny_clip_dir):
+    from transformers import CLIPModel
+
     scorer = rewards.load_clip_scorer(tiny_clip_dir, tiny_clip_dir, "cpu", rewards.clipscore_head)
-    assert (
-        (scorer(torch.rand(2, 3, 32, 32), ["a", "b"]) >= 0) & (scorer(torch.rand(2, 3, 32, 32), ["a", "b"]) <= 2.5)
-    ).all()
+    images, prompts = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)), list("abcdef")
+    model, tokenizer = CLIPModel.from_pretrained(tiny_clip_dir), tiny.tiny_tokenizer()
+    pixels = rewards.clip_preprocess(images, 32, scorer.mean, scorer.std)
+    with torch.no_grad():  # Hessel et al.: 2.5 max(cos, 0); CLIP's logits are logit_scale.exp() cos
+        out = model(**tokenizer(prompts, padding=True, return_tensors="pt"), pixel_values=pixels)
+        cos = out.logits_per_image.diag() / model.logit_scale.exp()
+    torch.testing.assert_close(scorer(images, prompts), 2.5 * cos.clamp_min(0))  # this tiny CLIP: all cos < 0
+    angles = torch.tensor([0.0, 0.5, 1.2, 2.0, math.pi])  # the head on unit embeddings of known cosine
+    image, text = torch.tensor([[1.0, 0.0]]).expand(5, 2), torch.stack([angles.cos(), angles.sin()], -1)
+    expected = torch.tensor([2.5, 2.5 * math.cos(0.5), 2.5 * math.cos(1.2), 0.0, 0.0])
+    torch.testing.assert_close(rewards.clipscore_head(None, image, text), expected)
     keys = set(rewards.AestheticMLP().state_dict())  # the LAION v2 checkpoint's key names
     assert keys == {f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")}
 
