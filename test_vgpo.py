@@ -257,7 +257,10 @@ def test_grpo_population_std_by_hand():
 def test_a_flat_group_whose_float32_mean_is_inexact_has_exactly_zero_relative_advantage(G):
     # Decision 15 exercised: a value whose float32 mean over the group is not the value itself (about half
     # of random values for G = 8 or 24), so (Q - mean) / (std + eps) alone would leave a signal.
-    draws, other = torch.rand(256, generator=torch.Generator().manual_seed(G)), torch.rand(1, G, 1)
+    draws, other = (
+        torch.rand(256, generator=torch.Generator().manual_seed(G)),
+        torch.rand(1, G, 1, generator=torch.Generator()),
+    )
     stacked = lambda v: torch.cat([torch.full((1, G, 1), v), other])  # noqa: E731, (2, G, 1)
     value = next(float(v) for v in draws if stacked(float(v)).mean(dim=1, keepdim=True)[0].item() != float(v))
     values = stacked(value)  # its group mean is inexact, on the very tensor relative_advantage reduces
