@@ -50,7 +50,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import backends
@@ -262,11 +262,6 @@ SHAPES_BENCH = dict(model="shapes", shapes_prompts="grammar")
 def shapes_fields(args) -> dict:
     """The benchmark's Config fields on --shapes_prompts (the grammar unless given)."""
     return dict(SHAPES_BENCH, shapes_prompts=args.shapes_prompts)
-
-
-def load_lora(backend, path: str) -> None:
-    """Put a saved runs.lora_state() (safetensors) into a backend built with the same LoRA settings."""
-    runs.set_lora(backend, load_file(path))
 
 
 def shapes_final_evals(backend, config: vgpo.Config, strict, ode) -> dict:
@@ -551,7 +546,7 @@ def shapes_grids(args) -> None:
         if path and not os.path.exists(path):
             raise SystemExit(f"{path} is missing: run `python experiments.py shapes` first")
         if path:
-            load_lora(backend, path)
+            runs.load_lora(backend, path)
         scores, samples = vgpo.evaluate(backend, strict, prompts, config.eval_steps, vgpo.make_generator(0, 2))
         runs.save_samples(samples, os.path.join(args.out, f"shapes_grid_{name}.png"), prompts, scores, limit=12)
         print(f"{name}: {scores.mean().item():.3f} on these 12 prompts")
@@ -602,7 +597,7 @@ def shapes_failures(args) -> None:
         config = vgpo.Config(**{**SHAPES_BENCH, "shapes_prompts": finished[0]["shapes_prompts"]}, seed=seed)
         backend = vgpo.build_backend(config)
         if name:
-            load_lora(backend, os.path.join(args.out, "shapes_runs", name + ".lora.safetensors"))
+            runs.load_lora(backend, os.path.join(args.out, "shapes_runs", name + ".lora.safetensors"))
         prompts = backend.eval_prompts(config.eval_samples)
         chunk = config.prompts_per_iteration * config.group_size  # as the run's evaluation
         classes = []
@@ -1528,7 +1523,7 @@ def premise(args) -> None:
     for policy, path in policies.items():
         runs.set_lora(backend, base)
         if path:
-            load_lora(backend, path)
+            runs.load_lora(backend, path)
         for sampler, noise in (("SDE", config.noise_level), ("ODE", 0.0)):
             strict_rows = []
 

@@ -282,6 +282,18 @@ def set_lora(backend, state: dict) -> None:
         params[name].copy_(value)
 
 
+def load_lora(backend, path: str) -> None:
+    """Put a saved LoRA into a backend built with the same LoRA settings: a checkpoint's (`.pt`, float32) or a
+    lora_state() saved with safetensors (`.lora.safetensors`, as experiments.py keeps a finished run's)."""
+    if path.endswith(".pt"):
+        state = torch.load(path, map_location="cpu", weights_only=False)["lora"]
+    else:
+        from safetensors.torch import load_file  # imported where used: only reading such a file needs it
+
+        state = load_file(path)
+    set_lora(backend, state)  # copy_ casts a float16 file to the parameters' dtype
+
+
 def save_checkpoint(path: str, backend, optimizer, config, history: list, ema=None) -> None:
     """Boilerplate: LoRA weights, optimizer, iteration, RNG, config and history, written atomically
     (temporary file, then rename), so a crash while saving keeps the last good checkpoint."""

@@ -28,7 +28,6 @@ import textwrap
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from safetensors.torch import load_file
 
 import backends
 import rewards
@@ -80,7 +79,7 @@ def sample(args) -> None:
             add(_draw(backend, prompts, 100 + 2 * i + sde, sde), prompts, "base", "sde10" if sde else "ode20")
     loras = sorted(os.path.join(d, f) for d in RUN_DIRS if os.path.isdir(d) for f in os.listdir(d))
     for j, path in enumerate(p for p in loras if p.endswith(".lora.safetensors")):
-        runs.set_lora(backend, load_file(path))
+        runs.load_lora(backend, path)
         name = os.path.relpath(path, "results").removesuffix(".lora.safetensors").replace("/shapes_runs/", "/")
         with open(path.removesuffix(".lora.safetensors") + ".json") as f:
             own = backends.shapes_prompt_list(json.load(f)["shapes_prompts"])
@@ -354,11 +353,11 @@ def _evaluation_pictures(backend, config, n: int) -> tuple[np.ndarray, list]:
 
 
 def _trained_run(args, method: str, seed: int) -> tuple[dict, vgpo.Config, str]:
-    """A trained run's record, Config and trained LoRA: the demo's (`experiments.py demo --out` --demo), or with
-    --grammar OUT a graded-score run of `experiments.py shapes --out OUT` (the whole grammar). The LoRA is the
-    run's checkpoint (runs/, float32) where the run directory is still here, else the LoRA its record committed
-    beside it (OUT/shapes_runs/NAME.lora.safetensors, rounded to float16: `trained` counts any verdict this
-    changes against the run's record); an error names both when neither exists."""
+    """A trained run's record, Config and trained LoRA (a path for runs.load_lora): the demo's (`experiments.py
+    demo --out` --demo), or with --grammar OUT a graded-score run of `experiments.py shapes --out OUT` (the whole
+    grammar). The LoRA is the run's checkpoint (runs/, float32) where the run directory is still here, else the
+    LoRA its record committed beside it (OUT/shapes_runs/NAME.lora.safetensors, rounded to float16: `trained`
+    counts any verdict this changes against the run's record); an error names both when neither exists."""
     method = runs.method_file_name(method)  # as experiments.shapes_run_name and demo_run name the runs
     if args.grammar:
         name, folder, kind = f"score_{method}_s{seed}", args.grammar, "shapes_runs"
@@ -372,18 +371,12 @@ def _trained_run(args, method: str, seed: int) -> tuple[dict, vgpo.Config, str]:
     fields = {"shapes_prompts": "grammar"} if args.grammar else {}
     config = vgpo.Config(model="shapes", **fields, **record["overrides"], seed=seed, output_dir="")
     checkpoint = os.path.join("runs", runs_root, os.path.basename(os.path.normpath(folder)), name, "checkpoint.pt")
+    if os.path.exists(checkpoint):
+        return record, config, checkpoint
     committed = os.path.join(folder, kind, name + ".lora.safetensors")
-    if not os.path.exists(checkpoint) and not os.path.exists(committed):
+    if not os.path.exists(committed):
         raise FileNotFoundError(f"run {name}: neither its checkpoint {checkpoint} nor a committed LoRA {committed}")
-    return record, config, checkpoint if os.path.exists(checkpoint) else committed
-
-
-def _load_trained(backend, path: str) -> None:
-    """Put _trained_run's LoRA (a checkpoint.pt or a .lora.safetensors) into the backend."""
-    if path.endswith(".pt"):
-        runs.set_lora(backend, torch.load(path, weights_only=False)["lora"])
-    else:
-        runs.set_lora(backend, {k: v.float() for k, v in load_file(path).items()})
+    return record, config, committed
 
 
 def trained(args) -> None:
@@ -403,7 +396,7 @@ def trained(args) -> None:
             history = record["history"]
             backend = vgpo.build_backend(config)
             if source != "base":
-                _load_trained(backend, lora)
+                runs.load_lora(backend, lora)  # either form
             arrs, prompts = _evaluation_pictures(backend, config, args.per_run)
             recorded = history[0]["eval_scores_before"] if source == "base" else history[-1]["eval_scores"]
             verdict = strict(as_batch(arrs), prompts).numpy()

@@ -2449,10 +2449,8 @@ def test_grammar_runs_record_categories_and_their_pictures_draw_again(shapes_wei
                for tag in ("before", "after"))  # fmt: skip
     experiments.main(["shapes_curves", "--seeds", "1", "--out", "out"])
     assert "| VGPO - GRPO | 1 | 1 |" in (tmp_path / "out" / "shapes_curves.md").read_text()
-    loaded, load_trained = [], shapes_labels._load_trained
-    monkeypatch.setattr(
-        shapes_labels, "_load_trained", lambda backend, path: (loaded.append(path), load_trained(backend, path))
-    )
+    loaded, load_lora = [], runs.load_lora
+    monkeypatch.setattr(runs, "load_lora", lambda backend, path: (loaded.append(path), load_lora(backend, path)))
     shapes_labels.main(["trained", "--grammar", "out", "--seeds", "1", "--per_run", "8", "--out", "labels"])
     out = capsys.readouterr().out  # 8: the run's evaluation chunk, the same batch shape, so the same pictures
     assert "strict verdicts differing from the runs' records: 0" in out
